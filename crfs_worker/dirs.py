@@ -1,0 +1,50 @@
+"""Where crfs keeps per-user state: caches and the worker's runtime directory.
+
+Both belong to the user who runs crfs: created 0700, and refused if another user owns
+them (a cache another user can write could feed us bytes we never verified).
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import CrfsError
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) 0700 if missing; refuse it if it is not ours or is open to others."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise CrfsError(f"{path}: expected a directory")
+    if st.st_uid != os.getuid():
+        raise CrfsError(f"{path}: owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def cache_dir() -> Path:
+    """$CRFS_CACHE_DIR, else $XDG_CACHE_HOME/crfs, else ~/.cache/crfs."""
+    explicit = os.environ.get("CRFS_CACHE_DIR")
+    if explicit:
+        return ensure_private_dir(Path(explicit))
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return ensure_private_dir(Path(base) / "crfs")
+
+
+def index_dir() -> Path:
+    """Built TOC indexes, one file per TOC digest."""
+    return ensure_private_dir(cache_dir() / "index")
+
+
+def runtime_dir() -> Path:
+    """$CRFS_RUNTIME_DIR, else $XDG_RUNTIME_DIR/crfs, else /tmp/crfs-UID: the worker's socket lives here."""
+    explicit = os.environ.get("CRFS_RUNTIME_DIR")
+    if explicit:
+        return ensure_private_dir(Path(explicit))
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return ensure_private_dir(Path(xdg) / "crfs")
+    return ensure_private_dir(Path(f"/tmp/crfs-{os.getuid()}"))
