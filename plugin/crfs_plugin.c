@@ -1,56 +1,1383 @@
-/* crfs.so: fuse-overlayfs data-source plugin (initial skeleton; grows into the IPC client). */
+/* crfs.so: a fuse-overlayfs (C, 1.10 to 1.16) data-source plugin for lazily fetched layers.
+ *
+ * Lower syntax:   //crfs/KEY//ABSDIR
+ *   KEY names one layer or a whole image registered with the crfs worker (`crfs lowerdir`
+ *   writes it); it may contain no ':', ',' or '/'. An image KEY expands into its layers,
+ *   uppermost first. ABSDIR is kept as the layer's path (for messages) and is not read.
+ *
+ * Every call is forwarded to the crfs worker over a Unix stream socket: frames are a
+ * 4-byte big-endian length and a msgpack map (libmsgpack-c); file descriptors come back
+ * with SCM_RIGHTS. The protocol is described in crfs_worker/ipc.py.
+ *
+ * Environment (read by the plugin inside fuse-overlayfs):
+ *   CRFS_RUNTIME_DIR   directory of worker.sock; else $XDG_RUNTIME_DIR/crfs; else
+ *                      /tmp/crfs-UID (the same rule as crfs_worker/dirs.py). The
+ *                      directory must belong to us and be closed to others.
+ *   CRFS_WORKER_CMD    the worker command, split on blanks, no shell (e.g.
+ *                      "/usr/bin/python3 -m crfs_worker.worker"). Default: the build-time
+ *                      CRFS_DEFAULT_WORKER_CMD (`make WORKER_CMD=...`), normally "crfs worker",
+ *                      looked up in PATH. It is started only when no worker answers,
+ *                      detached (double fork, setsid, stdio on /dev/null, no other fds).
+ *   CRFS_WORKER_START_TIMEOUT  seconds to wait for a started worker (default 30).
+ *   CRFS_PLUGIN_LOG    if set, a file that gets one line per call (for tracing).
+ *
+ * Errors follow libc conventions: -1 (or NULL) with errno. A lost worker is reconnected
+ * (and restarted) once per call; the layers' root fds are then replaced in place (dup3).
+ */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/types.h>
-#include <dirent.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
 #include <msgpack.h>
 
-#define EXPORT __attribute__((visibility("default")))
+#define EXPORT __attribute__ ((visibility ("default")))
 
-struct ovl_layer;
+#ifndef CRFS_DEFAULT_WORKER_CMD
+#define CRFS_DEFAULT_WORKER_CMD "crfs worker"
+#endif
 
-struct data_source {
-  int (*num_of_layers)(const char *opaque, const char *path);
-  int (*load_data_source)(struct ovl_layer *l, const char *opaque, const char *path, int n_layer);
-  int (*cleanup)(struct ovl_layer *l);
-  int (*file_exists)(struct ovl_layer *l, const char *pathname);
-  int (*statat)(struct ovl_layer *l, const char *path, struct stat *st, int flags, unsigned int mask);
-  int (*fstat)(struct ovl_layer *l, int fd, const char *path, unsigned int mask, struct stat *st);
-  void *(*opendir)(struct ovl_layer *l, const char *path);
-  struct dirent *(*readdir)(void *dirp);
-  int (*closedir)(void *dirp);
-  int (*openat)(struct ovl_layer *l, const char *path, int flags, mode_t mode);
-  int (*listxattr)(struct ovl_layer *l, const char *path, char *buf, size_t size);
-  int (*getxattr)(struct ovl_layer *l, const char *path, const char *name, char *buf, size_t size);
-  ssize_t (*readlinkat)(struct ovl_layer *l, const char *path, char *buf, size_t bufsiz);
-  bool (*support_acls)(struct ovl_layer *l);
+#define CRFS_PROTOCOL_VERSION 1
+#define CRFS_MAX_FRAME (64u << 20)
+#define CRFS_MAX_ARGS 32
+#define CRFS_MAX_FDS_PER_MSG 4
+
+/* ---- The ABI, re-declared from the verified facts (no header is installed). ---- */
+
+struct data_source;
+
+struct ovl_layer
+{
+  struct ovl_layer *next;
+  struct data_source *ds;
+  void *ovl_data; /* private to fuse-overlayfs */
+  char *path;     /* malloc'd, freed by fuse-overlayfs */
+  int fd;         /* O_DIRECTORY, closed by fuse-overlayfs */
+  bool low;
+  void *data_source_private_data;
+  int stat_override_mode;
 };
 
-static int crfs_num_of_layers(const char *o, const char *p) { (void)o; (void)p; errno = ENOSYS; return -1; }
-static int crfs_load(struct ovl_layer *l, const char *o, const char *p, int n) { (void)l; (void)o; (void)p; (void)n; errno = ENOSYS; return -1; }
-static int crfs_cleanup(struct ovl_layer *l) { (void)l; return 0; }
-static int crfs_file_exists(struct ovl_layer *l, const char *p) { (void)l; (void)p; errno = ENOSYS; return -1; }
-static int crfs_statat(struct ovl_layer *l, const char *p, struct stat *st, int f, unsigned int m) { (void)l; (void)p; (void)st; (void)f; (void)m; errno = ENOSYS; return -1; }
-static int crfs_fstat(struct ovl_layer *l, int fd, const char *p, unsigned int m, struct stat *st) { (void)l; (void)fd; (void)p; (void)m; (void)st; errno = ENOSYS; return -1; }
-static void *crfs_opendir(struct ovl_layer *l, const char *p) { (void)l; (void)p; errno = ENOSYS; return NULL; }
-static struct dirent *crfs_readdir(void *d) { return readdir(d); }
-static int crfs_closedir(void *d) { return closedir(d); }
-static int crfs_openat(struct ovl_layer *l, const char *p, int f, mode_t m) { (void)l; (void)p; (void)f; (void)m; errno = ENOSYS; return -1; }
-static int crfs_listxattr(struct ovl_layer *l, const char *p, char *b, size_t s) { (void)l; (void)p; (void)b; (void)s; errno = ENOSYS; return -1; }
-static int crfs_getxattr(struct ovl_layer *l, const char *p, const char *n, char *b, size_t s) { (void)l; (void)p; (void)n; (void)b; (void)s; errno = ENOSYS; return -1; }
-static ssize_t crfs_readlinkat(struct ovl_layer *l, const char *p, char *b, size_t s) { (void)l; (void)p; (void)b; (void)s; errno = ENOSYS; return -1; }
-static bool crfs_support_acls(struct ovl_layer *l) { (void)l; return false; }
+_Static_assert (offsetof (struct ovl_layer, ds) == 8, "ovl_layer.ds");
+_Static_assert (offsetof (struct ovl_layer, path) == 24, "ovl_layer.path");
+_Static_assert (offsetof (struct ovl_layer, fd) == 32, "ovl_layer.fd");
+_Static_assert (offsetof (struct ovl_layer, low) == 36, "ovl_layer.low");
+_Static_assert (offsetof (struct ovl_layer, data_source_private_data) == 40, "ovl_layer.private");
+_Static_assert (sizeof (struct ovl_layer) == 56, "ovl_layer size");
 
-static struct data_source crfs_ds = {
-  crfs_num_of_layers, crfs_load, crfs_cleanup, crfs_file_exists, crfs_statat, crfs_fstat,
-  crfs_opendir, crfs_readdir, crfs_closedir, crfs_openat, crfs_listxattr, crfs_getxattr,
-  crfs_readlinkat, crfs_support_acls,
+struct data_source
+{
+  int (*num_of_layers) (const char *opaque, const char *path);
+  int (*load_data_source) (struct ovl_layer *l, const char *opaque, const char *path, int n_layer);
+  int (*cleanup) (struct ovl_layer *l);
+  int (*file_exists) (struct ovl_layer *l, const char *pathname);
+  int (*statat) (struct ovl_layer *l, const char *path, struct stat *st, int flags, unsigned int mask);
+  int (*fstat) (struct ovl_layer *l, int fd, const char *path, unsigned int mask, struct stat *st);
+  void *(*opendir) (struct ovl_layer *l, const char *path);
+  struct dirent *(*readdir) (void *dirp);
+  int (*closedir) (void *dirp);
+  int (*openat) (struct ovl_layer *l, const char *path, int flags, mode_t mode);
+  int (*listxattr) (struct ovl_layer *l, const char *path, char *buf, size_t size);
+  int (*getxattr) (struct ovl_layer *l, const char *path, const char *name, char *buf, size_t size);
+  ssize_t (*readlinkat) (struct ovl_layer *l, const char *path, char *buf, size_t bufsiz);
+  bool (*support_acls) (struct ovl_layer *l); /* read by 1.11+ only */
 };
 
-EXPORT int plugin_version(void) { return 1; }
-EXPORT const char *plugin_name(void) { return "crfs"; }
-EXPORT struct data_source *plugin_load(const char *opaque, const char *path) { (void)opaque; (void)path; return &crfs_ds; }
-EXPORT int plugin_release(void) { return 0; }
+/* ---- Plugin state. fuse-overlayfs gives us no context pointer before load, so the
+ * connection lives in one process-wide struct, guarded by a mutex (threaded=1). ---- */
+
+struct crfs_layer
+{
+  struct crfs_layer *next;
+  struct ovl_layer *ovl;
+  uint64_t num; /* the worker's layer number */
+  dev_t dev;    /* st_dev of the layer's root fd, reported by statat */
+};
+
+struct crfs_state
+{
+  pthread_mutex_t lock;
+  int sock;
+  struct crfs_layer *layers;
+  bool stale_fds; /* the connection broke: root fds may point at a dead view */
+  FILE *log;
+  bool log_checked;
+};
+
+static struct crfs_state state = { PTHREAD_MUTEX_INITIALIZER, -1, NULL, false, NULL, false };
+
+static void
+trace (const char *fmt, ...)
+{
+  va_list ap;
+
+  if (! state.log_checked)
+    {
+      const char *p = getenv ("CRFS_PLUGIN_LOG");
+      state.log_checked = true;
+      if (p && *p)
+        state.log = fopen (p, "ae");
+    }
+  if (state.log == NULL)
+    return;
+  va_start (ap, fmt);
+  vfprintf (state.log, fmt, ap);
+  va_end (ap);
+  fputc ('\n', state.log);
+  fflush (state.log);
+}
+
+/* ---- Requests: a msgpack map {"op": OP, ...}, framed with a 4-byte length. ---- */
+
+struct request
+{
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  int failed;
+};
+
+static void
+req_key (struct request *q, const char *key)
+{
+  q->failed |= msgpack_pack_str (&q->pk, strlen (key));
+  q->failed |= msgpack_pack_str_body (&q->pk, key, strlen (key));
+}
+
+static void
+req_begin (struct request *q, const char *op, size_t nargs)
+{
+  static const char header[4] = { 0, 0, 0, 0 };
+
+  q->failed = 0;
+  msgpack_sbuffer_init (&q->sb);
+  msgpack_packer_init (&q->pk, &q->sb, msgpack_sbuffer_write);
+  q->failed |= msgpack_sbuffer_write (&q->sb, header, sizeof (header));
+  q->failed |= msgpack_pack_map (&q->pk, nargs + 1);
+  req_key (q, "op");
+  q->failed |= msgpack_pack_str (&q->pk, strlen (op));
+  q->failed |= msgpack_pack_str_body (&q->pk, op, strlen (op));
+}
+
+static void
+req_uint (struct request *q, const char *key, uint64_t v)
+{
+  req_key (q, key);
+  q->failed |= msgpack_pack_uint64 (&q->pk, v);
+}
+
+static void
+req_int (struct request *q, const char *key, int64_t v)
+{
+  req_key (q, key);
+  q->failed |= msgpack_pack_int64 (&q->pk, v);
+}
+
+static void
+req_str (struct request *q, const char *key, const char *v)
+{
+  req_key (q, key);
+  q->failed |= msgpack_pack_str (&q->pk, strlen (v));
+  q->failed |= msgpack_pack_str_body (&q->pk, v, strlen (v));
+}
+
+/* Paths and xattr names go as bin: they are bytes, not necessarily UTF-8. */
+static void
+req_bin (struct request *q, const char *key, const char *v)
+{
+  req_key (q, key);
+  q->failed |= msgpack_pack_bin (&q->pk, strlen (v));
+  q->failed |= msgpack_pack_bin_body (&q->pk, v, strlen (v));
+}
+
+static void
+req_free (struct request *q)
+{
+  msgpack_sbuffer_destroy (&q->sb);
+}
+
+/* ---- Replies: {"err": 0 | errno, "msg": ..., fields...}, maybe with one fd. ---- */
+
+struct reply
+{
+  char *buf;
+  size_t len;
+  msgpack_unpacked up;
+  const msgpack_object *map;
+  int fd;
+};
+
+static void
+reply_init (struct reply *r)
+{
+  r->buf = NULL;
+  r->len = 0;
+  msgpack_unpacked_init (&r->up);
+  r->map = NULL;
+  r->fd = -1;
+}
+
+static void
+reply_free (struct reply *r)
+{
+  msgpack_unpacked_destroy (&r->up);
+  free (r->buf);
+  r->buf = NULL;
+  if (r->fd >= 0)
+    close (r->fd);
+  r->fd = -1;
+}
+
+/* Takes the fd out of the reply, so reply_free does not close it. */
+static int
+reply_take_fd (struct reply *r)
+{
+  int fd = r->fd;
+  r->fd = -1;
+  return fd;
+}
+
+static const msgpack_object *
+reply_get (const struct reply *r, const char *key)
+{
+  size_t klen = strlen (key);
+  uint32_t i;
+
+  if (r->map == NULL)
+    return NULL;
+  for (i = 0; i < r->map->via.map.size; i++)
+    {
+      const msgpack_object_kv *kv = &r->map->via.map.ptr[i];
+      if (kv->key.type == MSGPACK_OBJECT_STR && kv->key.via.str.size == klen
+          && memcmp (kv->key.via.str.ptr, key, klen) == 0)
+        return &kv->val;
+    }
+  return NULL;
+}
+
+static bool
+reply_uint (const struct reply *r, const char *key, uint64_t *out)
+{
+  const msgpack_object *o = reply_get (r, key);
+  if (o == NULL || o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+    return false;
+  *out = o->via.u64;
+  return true;
+}
+
+/* A bin or str field: pointer into the reply buffer, not NUL-terminated. */
+static bool
+reply_bytes (const struct reply *r, const char *key, const char **ptr, uint32_t *len)
+{
+  const msgpack_object *o = reply_get (r, key);
+  if (o == NULL)
+    return false;
+  if (o->type == MSGPACK_OBJECT_BIN)
+    {
+      *ptr = o->via.bin.ptr;
+      *len = o->via.bin.size;
+      return true;
+    }
+  if (o->type == MSGPACK_OBJECT_STR)
+    {
+      *ptr = o->via.str.ptr;
+      *len = o->via.str.size;
+      return true;
+    }
+  return false;
+}
+
+/* ---- Transport ---- */
+
+static int
+send_all (int fd, const char *buf, size_t len)
+{
+  while (len > 0)
+    {
+      /* MSG_NOSIGNAL: a dead worker must not kill fuse-overlayfs with SIGPIPE. */
+      ssize_t n = send (fd, buf, len, MSG_NOSIGNAL);
+      if (n < 0)
+        {
+          if (errno == EINTR)
+            continue;
+          return -1;
+        }
+      buf += n;
+      len -= (size_t) n;
+    }
+  return 0;
+}
+
+static void
+keep_received_fds (struct msghdr *msg, int *fd_out)
+{
+  struct cmsghdr *c;
+
+  for (c = CMSG_FIRSTHDR (msg); c != NULL; c = CMSG_NXTHDR (msg, c))
+    {
+      size_t i, n;
+      int fds[CRFS_MAX_FDS_PER_MSG];
+
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+        continue;
+      n = (c->cmsg_len - CMSG_LEN (0)) / sizeof (int);
+      if (n > CRFS_MAX_FDS_PER_MSG)
+        n = CRFS_MAX_FDS_PER_MSG;
+      memcpy (fds, CMSG_DATA (c), n * sizeof (int));
+      for (i = 0; i < n; i++)
+        {
+          /* One fd per reply is the protocol; anything extra is closed, never leaked. */
+          if (*fd_out < 0)
+            *fd_out = fds[i];
+          else
+            close (fds[i]);
+        }
+    }
+}
+
+/* Reads exactly len bytes, collecting any fd that rides along. */
+static int
+recv_exact (int sock, char *buf, size_t len, int *fd_out)
+{
+  while (len > 0)
+    {
+      union
+      {
+        char buf[CMSG_SPACE (sizeof (int) * CRFS_MAX_FDS_PER_MSG)];
+        struct cmsghdr align;
+      } control;
+      struct iovec iov = { buf, len };
+      struct msghdr msg;
+      ssize_t n;
+
+      memset (&msg, 0, sizeof (msg));
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      msg.msg_control = control.buf;
+      msg.msg_controllen = sizeof (control.buf);
+      n = recvmsg (sock, &msg, MSG_CMSG_CLOEXEC);
+      if (n < 0)
+        {
+          if (errno == EINTR)
+            continue;
+          return -1;
+        }
+      keep_received_fds (&msg, fd_out);
+      if (n == 0)
+        {
+          errno = ECONNRESET;
+          return -1;
+        }
+      buf += n;
+      len -= (size_t) n;
+    }
+  return 0;
+}
+
+/* One request/reply exchange on the current socket. Returns 0, or -1 with errno set
+ * for a transport failure (the caller may reconnect); r->map is the decoded reply. */
+static int
+exchange (struct request *q, struct reply *r)
+{
+  unsigned char header[4];
+  uint32_t body_len;
+  size_t off = 0;
+
+  if (q->failed)
+    {
+      errno = ENOMEM;
+      return -1;
+    }
+  body_len = (uint32_t) (q->sb.size - 4);
+  q->sb.data[0] = (char) (body_len >> 24);
+  q->sb.data[1] = (char) (body_len >> 16);
+  q->sb.data[2] = (char) (body_len >> 8);
+  q->sb.data[3] = (char) body_len;
+  if (send_all (state.sock, q->sb.data, q->sb.size) < 0)
+    return -1;
+
+  if (recv_exact (state.sock, (char *) header, sizeof (header), &r->fd) < 0)
+    return -1;
+  r->len = ((uint32_t) header[0] << 24) | ((uint32_t) header[1] << 16) | ((uint32_t) header[2] << 8)
+           | (uint32_t) header[3];
+  if (r->len == 0 || r->len > CRFS_MAX_FRAME)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  r->buf = malloc (r->len);
+  if (r->buf == NULL)
+    return -1; /* the stream is now out of step: the caller drops the connection */
+  if (recv_exact (state.sock, r->buf, r->len, &r->fd) < 0)
+    return -1;
+  if (msgpack_unpack_next (&r->up, r->buf, r->len, &off) != MSGPACK_UNPACK_SUCCESS
+      || r->up.data.type != MSGPACK_OBJECT_MAP)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  r->map = &r->up.data;
+  return 0;
+}
+
+/* The worker's verdict: 0, or -1 with errno from the reply. */
+static int
+reply_status (const struct reply *r)
+{
+  uint64_t err = 0;
+
+  if (! reply_uint (r, "err", &err))
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  if (err != 0)
+    {
+      errno = (err < 4096) ? (int) err : EIO;
+      return -1;
+    }
+  return 0;
+}
+
+/* ---- Finding, checking and starting the worker ---- */
+
+static int
+runtime_dir (char *out, size_t size)
+{
+  const char *explicit = getenv ("CRFS_RUNTIME_DIR");
+  const char *xdg = getenv ("XDG_RUNTIME_DIR");
+  int n;
+
+  if (explicit && *explicit)
+    n = snprintf (out, size, "%s", explicit);
+  else if (xdg && *xdg)
+    n = snprintf (out, size, "%s/crfs", xdg);
+  else
+    n = snprintf (out, size, "/tmp/crfs-%u", (unsigned) geteuid ());
+  if (n < 0 || (size_t) n >= size)
+    {
+      errno = ENAMETOOLONG;
+      return -1;
+    }
+  return 0;
+}
+
+/* A socket in a directory others can write could be anybody's: refuse it. */
+static int
+check_private_dir (const char *dir)
+{
+  struct stat st;
+
+  if (stat (dir, &st) < 0)
+    return -1;
+  if (! S_ISDIR (st.st_mode) || st.st_uid != geteuid () || (st.st_mode & 077) != 0)
+    {
+      fprintf (stderr, "crfs: %s must be a directory owned by uid %u with mode 0700\n", dir,
+               (unsigned) geteuid ());
+      errno = EPERM;
+      return -1;
+    }
+  return 0;
+}
+
+static int
+connect_once (const char *sock_path)
+{
+  struct sockaddr_un addr;
+  struct ucred cred;
+  socklen_t cred_len = sizeof (cred);
+  int fd;
+
+  memset (&addr, 0, sizeof (addr));
+  addr.sun_family = AF_UNIX;
+  if (strlen (sock_path) >= sizeof (addr.sun_path))
+    {
+      errno = ENAMETOOLONG;
+      return -1;
+    }
+  strcpy (addr.sun_path, sock_path);
+  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  if (connect (fd, (struct sockaddr *) &addr, sizeof (addr)) < 0)
+    {
+      int saved = errno;
+      close (fd);
+      errno = saved;
+      return -1;
+    }
+  /* Only a worker running as ourselves may answer for our layers. */
+  if (getsockopt (fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) < 0 || cred.uid != geteuid ())
+    {
+      fprintf (stderr, "crfs: %s is served by uid %u, not by us\n", sock_path, (unsigned) cred.uid);
+      close (fd);
+      errno = EPERM;
+      return -1;
+    }
+  return fd;
+}
+
+/* Splits the worker command on blanks into argv (no shell, no quoting). */
+static int
+worker_argv (char *cmd, char **argv, size_t max)
+{
+  size_t n = 0;
+  char *save = NULL, *tok;
+
+  for (tok = strtok_r (cmd, " \t", &save); tok; tok = strtok_r (NULL, " \t", &save))
+    {
+      if (n + 1 >= max)
+        {
+          errno = E2BIG;
+          return -1;
+        }
+      argv[n++] = tok;
+    }
+  argv[n] = NULL;
+  if (n == 0)
+    {
+      errno = EINVAL;
+      return -1;
+    }
+  return 0;
+}
+
+static void
+close_inherited_fds (void)
+{
+#ifdef SYS_close_range
+  if (syscall (SYS_close_range, 3U, ~0U, 0U) == 0)
+    return;
+#endif
+  {
+    long max = sysconf (_SC_OPEN_MAX);
+    int i;
+    for (i = 3; i < (max > 0 ? max : 65536); i++)
+      close (i);
+  }
+}
+
+/* Detached start: nothing of ours (least of all stderr, which podman waits on) survives
+ * into the worker. Everything that allocates happens before fork. */
+static int
+start_worker (void)
+{
+  const char *env = getenv ("CRFS_WORKER_CMD");
+  char *cmd = strdup ((env && *env) ? env : CRFS_DEFAULT_WORKER_CMD);
+  char *argv[CRFS_MAX_ARGS];
+  pid_t pid;
+  int status;
+
+  if (cmd == NULL)
+    return -1;
+  if (worker_argv (cmd, argv, CRFS_MAX_ARGS) < 0)
+    {
+      free (cmd);
+      return -1;
+    }
+  trace ("start worker: %s", argv[0]);
+  pid = fork ();
+  if (pid < 0)
+    {
+      free (cmd);
+      return -1;
+    }
+  if (pid == 0)
+    {
+      int nul;
+      sigset_t all;
+
+      setsid ();
+      if (fork () != 0)
+        _exit (0);
+      nul = open ("/dev/null", O_RDWR);
+      if (nul < 0)
+        _exit (126);
+      dup2 (nul, 0);
+      dup2 (nul, 1);
+      dup2 (nul, 2);
+      close_inherited_fds ();
+      sigemptyset (&all);
+      sigprocmask (SIG_SETMASK, &all, NULL);
+      signal (SIGPIPE, SIG_DFL);
+      signal (SIGHUP, SIG_DFL);
+      execvp (argv[0], argv);
+      _exit (127);
+    }
+  free (cmd);
+  while (waitpid (pid, &status, 0) < 0 && errno == EINTR)
+    ;
+  return 0;
+}
+
+static double
+monotonic_seconds (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+static int hello_locked (void);
+
+/* Connects (starting a worker if none answers) and greets. Called with the lock held. */
+static int
+connect_locked (void)
+{
+  char dir[PATH_MAX], sock_path[PATH_MAX];
+  const char *timeout_env = getenv ("CRFS_WORKER_START_TIMEOUT");
+  double timeout = (timeout_env && *timeout_env) ? atof (timeout_env) : 30.0;
+  double deadline;
+  bool started = false;
+  int fd;
+
+  if (state.sock >= 0)
+    return 0;
+  if (runtime_dir (dir, sizeof (dir)) < 0)
+    return -1;
+  if (snprintf (sock_path, sizeof (sock_path), "%s/worker.sock", dir) >= (int) sizeof (sock_path))
+    {
+      errno = ENAMETOOLONG;
+      return -1;
+    }
+  deadline = monotonic_seconds () + timeout;
+  for (;;)
+    {
+      if (access (dir, F_OK) == 0 && check_private_dir (dir) < 0)
+        return -1;
+      fd = connect_once (sock_path);
+      if (fd >= 0)
+        break;
+      if (errno != ENOENT && errno != ECONNREFUSED)
+        return -1;
+      if (! started)
+        {
+          if (start_worker () < 0)
+            {
+              fprintf (stderr, "crfs: cannot start the worker: %s\n", strerror (errno));
+              return -1;
+            }
+          started = true;
+        }
+      if (monotonic_seconds () > deadline)
+        {
+          fprintf (stderr, "crfs: no worker answered at %s (set CRFS_WORKER_CMD?)\n", sock_path);
+          errno = ETIMEDOUT;
+          return -1;
+        }
+      {
+        struct timespec pause = { 0, 20 * 1000 * 1000 };
+        nanosleep (&pause, NULL);
+      }
+    }
+  state.sock = fd;
+  if (hello_locked () < 0)
+    {
+      int saved = errno;
+      close (state.sock);
+      state.sock = -1;
+      errno = saved;
+      return -1;
+    }
+  return 0;
+}
+
+static void
+disconnect_locked (void)
+{
+  if (state.sock >= 0)
+    close (state.sock);
+  state.sock = -1;
+}
+
+static int
+hello_locked (void)
+{
+  struct request q;
+  struct reply r;
+  uint64_t version = 0;
+  int ret;
+
+  req_begin (&q, "hello", 1);
+  req_uint (&q, "version", CRFS_PROTOCOL_VERSION);
+  reply_init (&r);
+  ret = exchange (&q, &r);
+  if (ret == 0)
+    ret = reply_status (&r);
+  if (ret == 0 && (! reply_uint (&r, "version", &version) || version != CRFS_PROTOCOL_VERSION))
+    {
+      fprintf (stderr, "crfs: the worker speaks protocol %llu, not %d\n", (unsigned long long) version,
+               CRFS_PROTOCOL_VERSION);
+      errno = EPROTO;
+      ret = -1;
+    }
+  req_free (&q);
+  reply_free (&r);
+  return ret;
+}
+
+static int refresh_layer_fds_locked (void);
+
+/* Sends q and fills r. Transport failures reconnect once (a restarted worker) and retry:
+ * every request is idempotent. Returns the worker's verdict as 0 or -1/errno; a worker
+ * that cannot be reached is EIO (never ENOENT, which would read as "absent"). */
+static int
+call (struct request *q, struct reply *r)
+{
+  int attempt, ret = -1, saved = EIO;
+
+  pthread_mutex_lock (&state.lock);
+  for (attempt = 0; attempt < 2; attempt++)
+    {
+      if (connect_locked () < 0)
+        {
+          trace ("connect failure: %s", strerror (errno));
+          break;
+        }
+      if (state.stale_fds)
+        {
+          if (refresh_layer_fds_locked () < 0)
+            {
+              trace ("refresh failure: %s", strerror (errno));
+              disconnect_locked ();
+              continue;
+            }
+          state.stale_fds = false;
+        }
+      reply_free (r);
+      reply_init (r);
+      if (exchange (q, r) == 0)
+        {
+          ret = reply_status (r);
+          saved = errno;
+          break;
+        }
+      trace ("transport failure: %s", strerror (errno));
+      disconnect_locked ();
+      state.stale_fds = state.layers != NULL;
+    }
+  pthread_mutex_unlock (&state.lock);
+  req_free (q);
+  errno = ret < 0 ? saved : 0;
+  return ret;
+}
+
+/* ---- Layer numbers, root fds ---- */
+
+static int
+root_fd_locked (uint64_t num, int *fd_out, dev_t *dev_out)
+{
+  struct request q;
+  struct reply r;
+  struct stat st;
+  int ret;
+
+  req_begin (&q, "root", 1);
+  req_uint (&q, "layer", num);
+  reply_init (&r);
+  ret = exchange (&q, &r);
+  if (ret == 0)
+    ret = reply_status (&r);
+  if (ret == 0 && r.fd < 0)
+    {
+      errno = EPROTO;
+      ret = -1;
+    }
+  if (ret == 0 && (fstat (r.fd, &st) < 0 || ! S_ISDIR (st.st_mode)))
+    {
+      errno = ENOTDIR;
+      ret = -1;
+    }
+  if (ret == 0)
+    {
+      *dev_out = st.st_dev;
+      *fd_out = reply_take_fd (&r);
+    }
+  req_free (&q);
+  reply_free (&r);
+  return ret;
+}
+
+/* After a worker restart the old root fds point at a dead view: replace them in place,
+ * because fuse-overlayfs holds the numbers. */
+static int
+refresh_layer_fds_locked (void)
+{
+  struct crfs_layer *it;
+
+  for (it = state.layers; it; it = it->next)
+    {
+      int fd;
+      dev_t dev;
+
+      if (root_fd_locked (it->num, &fd, &dev) < 0)
+        return -1;
+      if (it->ovl->fd >= 0 && it->ovl->fd != fd)
+        {
+          if (dup3 (fd, it->ovl->fd, O_CLOEXEC) < 0)
+            {
+              close (fd);
+              return -1;
+            }
+          close (fd);
+        }
+      else
+        it->ovl->fd = fd;
+      it->dev = dev;
+    }
+  return 0;
+}
+
+static bool
+valid_key (const char *key)
+{
+  if (key == NULL || *key == '\0' || strlen (key) > 128)
+    return false;
+  return strpbrk (key, ":,/") == NULL;
+}
+
+/* Asks which layers KEY stands for; fills nums (uppermost first). Returns the count. */
+static int
+key_layers (const char *key, uint64_t *nums, size_t max)
+{
+  struct request q;
+  struct reply r;
+  const msgpack_object *list;
+  uint32_t i;
+  int ret;
+
+  if (! valid_key (key))
+    {
+      fprintf (stderr, "crfs: invalid layer key '%s' (no ':', ',' or '/')\n", key ? key : "");
+      errno = EINVAL;
+      return -1;
+    }
+  req_begin (&q, "layers", 1);
+  req_str (&q, "key", key);
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret < 0)
+    {
+      int saved = errno;
+      fprintf (stderr, "crfs: cannot resolve key %s: %s\n", key, strerror (saved));
+      reply_free (&r);
+      errno = saved;
+      return -1;
+    }
+  list = reply_get (&r, "layers");
+  if (list == NULL || list->type != MSGPACK_OBJECT_ARRAY || list->via.array.size == 0
+      || list->via.array.size > max)
+    {
+      reply_free (&r);
+      errno = EPROTO;
+      return -1;
+    }
+  for (i = 0; i < list->via.array.size; i++)
+    {
+      if (list->via.array.ptr[i].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        {
+          reply_free (&r);
+          errno = EPROTO;
+          return -1;
+        }
+      nums[i] = list->via.array.ptr[i].via.u64;
+    }
+  ret = (int) list->via.array.size;
+  reply_free (&r);
+  return ret;
+}
+
+#define CRFS_MAX_LAYERS 512
+
+static struct crfs_layer *
+layer_of (struct ovl_layer *l)
+{
+  return (struct crfs_layer *) l->data_source_private_data;
+}
+
+/* fuse-overlayfs hands paths like "/x", "./x", "." or "": the worker normalises the
+ * rest, we only keep the message short and refuse what cannot be a path. */
+static const char *
+strip_path (const char *path)
+{
+  if (path == NULL)
+    return "";
+  for (;;)
+    {
+      if (path[0] == '/')
+        path++;
+      else if (path[0] == '.' && path[1] == '/')
+        path += 2;
+      else if (path[0] == '.' && path[1] == '\0')
+        path++;
+      else
+        return path;
+    }
+}
+
+static bool
+path_ok (const char *path)
+{
+  if (strlen (path) >= PATH_MAX)
+    {
+      errno = ENAMETOOLONG;
+      return false;
+    }
+  return true;
+}
+
+/* Starts a request about PATH in layer L: {"op", "layer", "path", ...}. */
+static bool
+req_path (struct request *q, const char *op, struct ovl_layer *l, const char *path, size_t extra)
+{
+  const char *p = strip_path (path);
+
+  if (! path_ok (p))
+    return false;
+  req_begin (q, op, 2 + extra);
+  req_uint (q, "layer", layer_of (l)->num);
+  req_bin (q, "path", p);
+  return true;
+}
+
+/* ---- The data source ---- */
+
+static int
+crfs_num_of_layers (const char *opaque, const char *path)
+{
+  uint64_t nums[CRFS_MAX_LAYERS];
+  int n = key_layers (opaque, nums, CRFS_MAX_LAYERS);
+
+  trace ("num_of_layers(%s, %s) = %d", opaque, path, n);
+  return n;
+}
+
+static int
+crfs_load_data_source (struct ovl_layer *l, const char *opaque, const char *path, int n_layer)
+{
+  uint64_t nums[CRFS_MAX_LAYERS];
+  struct crfs_layer *cl;
+  int n, fd, ret;
+  dev_t dev;
+
+  n = key_layers (opaque, nums, CRFS_MAX_LAYERS);
+  if (n < 0)
+    return -1;
+  if (n_layer < 0 || n_layer >= n)
+    {
+      fprintf (stderr, "crfs: %s has %d layers, not %d\n", opaque, n, n_layer + 1);
+      errno = EINVAL;
+      return -1;
+    }
+  cl = calloc (1, sizeof (*cl));
+  if (cl == NULL)
+    return -1;
+  cl->num = nums[n_layer];
+  cl->ovl = l;
+
+  pthread_mutex_lock (&state.lock);
+  ret = connect_locked ();
+  if (ret == 0)
+    ret = root_fd_locked (cl->num, &fd, &dev);
+  if (ret == 0)
+    {
+      cl->dev = dev;
+      l->fd = fd;
+      cl->next = state.layers;
+      state.layers = cl;
+    }
+  pthread_mutex_unlock (&state.lock);
+  if (ret < 0)
+    {
+      int saved = errno;
+      fprintf (stderr, "crfs: cannot load layer %d of %s: %s\n", n_layer, opaque, strerror (saved));
+      free (cl);
+      errno = saved;
+      return -1;
+    }
+  l->path = strdup (path ? path : "");
+  l->data_source_private_data = cl;
+  trace ("load_data_source(%s, %s, %d) = layer %llu fd %d", opaque, path, n_layer, (unsigned long long) cl->num,
+         l->fd);
+  return 0;
+}
+
+static int
+crfs_cleanup (struct ovl_layer *l)
+{
+  struct crfs_layer *cl = layer_of (l), **it;
+  bool found = false;
+
+  /* Only free what is still ours: plugin_release may have run first. */
+  pthread_mutex_lock (&state.lock);
+  for (it = &state.layers; *it; it = &(*it)->next)
+    if (*it == cl)
+      {
+        *it = cl->next;
+        found = true;
+        break;
+      }
+  pthread_mutex_unlock (&state.lock);
+  if (found)
+    free (cl);
+  l->data_source_private_data = NULL;
+  return 0;
+}
+
+static int
+crfs_file_exists (struct ovl_layer *l, const char *pathname)
+{
+  struct request q;
+  struct reply r;
+  int ret;
+
+  if (! req_path (&q, "exists", l, pathname, 0))
+    return -1;
+  reply_init (&r);
+  ret = call (&q, &r);
+  trace ("file_exists(%s) = %d errno %d", pathname, ret, ret < 0 ? errno : 0);
+  reply_free (&r);
+  return ret;
+}
+
+/* Fills the whole struct: callers pass uninitialised stack memory. */
+static int
+fill_stat (const struct reply *r, dev_t dev, struct stat *st)
+{
+  const msgpack_object *a = reply_get (r, "st");
+  uint64_t v[9];
+  uint32_t i;
+
+  if (a == NULL || a->type != MSGPACK_OBJECT_ARRAY || a->via.array.size != 9)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  for (i = 0; i < 9; i++)
+    {
+      if (a->via.array.ptr[i].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        {
+          errno = EPROTO;
+          return -1;
+        }
+      v[i] = a->via.array.ptr[i].via.u64;
+    }
+  memset (st, 0, sizeof (*st));
+  st->st_dev = dev;
+  st->st_ino = (ino_t) v[0];
+  st->st_mode = (mode_t) v[1];
+  st->st_nlink = (nlink_t) v[2];
+  st->st_uid = (uid_t) v[3];
+  st->st_gid = (gid_t) v[4];
+  st->st_size = (off_t) v[5];
+  st->st_mtim.tv_sec = (time_t) (v[6] / 1000000000ull);
+  st->st_mtim.tv_nsec = (long) (v[6] % 1000000000ull);
+  st->st_atim = st->st_mtim;
+  st->st_ctim = st->st_mtim;
+  st->st_rdev = makedev ((unsigned) v[7], (unsigned) v[8]);
+  st->st_blksize = 4096;
+  st->st_blocks = (blkcnt_t) ((v[5] + 511) / 512);
+  return 0;
+}
+
+static int
+crfs_statat (struct ovl_layer *l, const char *path, struct stat *st, int flags, unsigned int mask)
+{
+  struct request q;
+  struct reply r;
+  int ret;
+
+  (void) flags; /* always AT_SYMLINK_NOFOLLOW: layers never follow symlinks */
+  (void) mask;  /* the answer is complete whatever the hint */
+  if (! req_path (&q, "stat", l, path, 0))
+    return -1;
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret == 0)
+    ret = fill_stat (&r, layer_of (l)->dev, st);
+  trace ("statat(%s) = %d errno %d", path, ret, ret < 0 ? errno : 0);
+  reply_free (&r);
+  return ret;
+}
+
+static int
+crfs_fstat (struct ovl_layer *l, int fd, const char *path, unsigned int mask, struct stat *st)
+{
+  (void) fd; /* an fd this layer opened for PATH: the index answers for it */
+  return crfs_statat (l, path, st, AT_SYMLINK_NOFOLLOW, mask);
+}
+
+/* Asks the worker for a real fd on PATH (a cache file or the worker's view). */
+static int
+open_fd (struct ovl_layer *l, const char *path, int flags)
+{
+  struct request q;
+  struct reply r;
+  int ret, fd = -1;
+
+  if (! req_path (&q, "open", l, path, 1))
+    return -1;
+  req_int (&q, "flags", flags);
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret == 0 && r.fd < 0)
+    {
+      errno = EPROTO;
+      ret = -1;
+    }
+  if (ret == 0)
+    fd = reply_take_fd (&r);
+  reply_free (&r);
+  return ret < 0 ? -1 : fd;
+}
+
+static void *
+crfs_opendir (struct ovl_layer *l, const char *path)
+{
+  int fd = open_fd (l, path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  DIR *dp;
+
+  trace ("opendir(%s) fd %d", path, fd);
+  if (fd < 0)
+    return NULL;
+  /* A real DIR *: fuse-overlayfs calls libc readdir/closedir on it directly. */
+  dp = fdopendir (fd);
+  if (dp == NULL)
+    {
+      int saved = errno;
+      close (fd);
+      errno = saved;
+    }
+  return dp;
+}
+
+static struct dirent *
+crfs_readdir (void *dirp)
+{
+  return readdir ((DIR *) dirp);
+}
+
+static int
+crfs_closedir (void *dirp)
+{
+  return closedir ((DIR *) dirp);
+}
+
+static int
+crfs_openat (struct ovl_layer *l, const char *path, int flags, mode_t mode)
+{
+  int fd;
+
+  (void) mode;
+  if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_TMPFILE)))
+    {
+      errno = EROFS;
+      return -1;
+    }
+  fd = open_fd (l, path, flags);
+  trace ("openat(%s, 0%o) = %d errno %d", path, flags, fd, fd < 0 ? errno : 0);
+  return fd;
+}
+
+static int
+crfs_listxattr (struct ovl_layer *l, const char *path, char *buf, size_t size)
+{
+  struct request q;
+  struct reply r;
+  const msgpack_object *names;
+  size_t total = 0, off = 0;
+  uint32_t i;
+  int ret;
+
+  if (! req_path (&q, "listxattr", l, path, 0))
+    return -1;
+  reply_init (&r);
+  ret = call (&q, &r);
+  names = reply_get (&r, "names");
+  if (ret == 0 && (names == NULL || names->type != MSGPACK_OBJECT_ARRAY))
+    {
+      errno = EPROTO;
+      ret = -1;
+    }
+  for (i = 0; ret == 0 && i < names->via.array.size; i++)
+    {
+      if (names->via.array.ptr[i].type != MSGPACK_OBJECT_BIN)
+        {
+          errno = EPROTO;
+          ret = -1;
+        }
+      else
+        total += names->via.array.ptr[i].via.bin.size + 1;
+    }
+  if (ret == 0 && total > INT_MAX)
+    {
+      errno = E2BIG;
+      ret = -1;
+    }
+  if (ret == 0 && size > 0 && size < total)
+    {
+      errno = ERANGE;
+      ret = -1;
+    }
+  if (ret == 0 && size > 0)
+    for (i = 0; i < names->via.array.size; i++)
+      {
+        const msgpack_object_bin *b = &names->via.array.ptr[i].via.bin;
+        memcpy (buf + off, b->ptr, b->size);
+        off += b->size;
+        buf[off++] = '\0';
+      }
+  trace ("listxattr(%s, %zu) = %d total %zu", path, size, ret, total);
+  reply_free (&r);
+  return ret < 0 ? -1 : (int) total;
+}
+
+static int
+crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *buf, size_t size)
+{
+  struct request q;
+  struct reply r;
+  const char *value = NULL;
+  uint32_t len = 0;
+  int ret;
+
+  if (! req_path (&q, "getxattr", l, path, 1))
+    return -1;
+  req_bin (&q, "name", name);
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret == 0 && ! reply_bytes (&r, "value", &value, &len))
+    {
+      errno = EPROTO;
+      ret = -1;
+    }
+  if (ret == 0 && len > INT_MAX)
+    {
+      errno = E2BIG;
+      ret = -1;
+    }
+  if (ret == 0 && size > 0 && size < len)
+    {
+      errno = ERANGE;
+      ret = -1;
+    }
+  if (ret == 0 && size > 0)
+    memcpy (buf, value, len);
+  trace ("getxattr(%s, %s, %zu) = %d errno %d", path, name, size, ret < 0 ? -1 : (int) len, ret < 0 ? errno : 0);
+  reply_free (&r);
+  return ret < 0 ? -1 : (int) len;
+}
+
+static ssize_t
+crfs_readlinkat (struct ovl_layer *l, const char *path, char *buf, size_t bufsiz)
+{
+  struct request q;
+  struct reply r;
+  const char *target = NULL;
+  uint32_t len = 0;
+  int ret;
+
+  if (! req_path (&q, "readlink", l, path, 0))
+    return -1;
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret == 0 && ! reply_bytes (&r, "target", &target, &len))
+    {
+      errno = EPROTO;
+      ret = -1;
+    }
+  if (ret == 0 && len > bufsiz)
+    len = (uint32_t) bufsiz; /* readlink truncates silently; the caller retries bigger */
+  if (ret == 0)
+    memcpy (buf, target, len);
+  trace ("readlinkat(%s) = %d", path, ret < 0 ? -1 : (int) len);
+  reply_free (&r);
+  return ret < 0 ? -1 : (ssize_t) len;
+}
+
+static bool
+crfs_support_acls (struct ovl_layer *l)
+{
+  (void) l;
+  return false;
+}
+
+static struct data_source crfs_data_source = {
+  .num_of_layers = crfs_num_of_layers,
+  .load_data_source = crfs_load_data_source,
+  .cleanup = crfs_cleanup,
+  .file_exists = crfs_file_exists,
+  .statat = crfs_statat,
+  .fstat = crfs_fstat,
+  .opendir = crfs_opendir,
+  .readdir = crfs_readdir,
+  .closedir = crfs_closedir,
+  .openat = crfs_openat,
+  .listxattr = crfs_listxattr,
+  .getxattr = crfs_getxattr,
+  .readlinkat = crfs_readlinkat,
+  .support_acls = crfs_support_acls,
+};
+
+/* ---- Exported symbols ---- */
+
+EXPORT int
+plugin_version (void)
+{
+  return 1;
+}
+
+EXPORT const char *
+plugin_name (void)
+{
+  return "crfs";
+}
+
+EXPORT struct data_source *
+plugin_load (const char *opaque, const char *path)
+{
+  trace ("plugin_load(%s, %s)", opaque ? opaque : "", path ? path : "");
+  if (! valid_key (opaque))
+    {
+      fprintf (stderr, "crfs: invalid layer key '%s' (no ':', ',' or '/')\n", opaque ? opaque : "");
+      return NULL;
+    }
+  return &crfs_data_source;
+}
+
+EXPORT int
+plugin_release (void)
+{
+  pthread_mutex_lock (&state.lock);
+  disconnect_locked ();
+  while (state.layers)
+    {
+      /* The ovl_layer structs may be freed already: do not touch them. */
+      struct crfs_layer *next = state.layers->next;
+      free (state.layers);
+      state.layers = next;
+    }
+  if (state.log)
+    fclose (state.log);
+  state.log = NULL;
+  state.log_checked = false;
+  pthread_mutex_unlock (&state.lock);
+  return 0;
+}
