@@ -1,0 +1,109 @@
+"""On-disk cache of verified whole-file contents, addressed by content digest.
+
+One file per digest (`sha256-HEX`), shared by every layer and image that holds the same
+bytes. Files are 0600 in a 0700 directory owned by the user, and reach their final name
+only after their digest was checked, so a name is a promise about its bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .dirs import cache_dir, ensure_private_dir
+from .errors import CrfsError, VerificationError
+
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    fd: int            # read-only, O_CLOEXEC; the caller owns it
+    size: int
+    fetched: bool      # False when the bytes were already in the cache
+
+
+@dataclass
+class ContentCache:
+    root: Path
+    # Striped locks: one fetch per digest at a time, without a lock per digest ever seen.
+    _locks: tuple[threading.Lock, ...] = field(
+        default_factory=lambda: tuple(threading.Lock() for _ in range(64)), init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        ensure_private_dir(self.root)
+
+    @classmethod
+    def default(cls) -> "ContentCache":
+        return cls(cache_dir() / "content")
+
+    def path_for(self, digest: str) -> Path:
+        match = _DIGEST.match(digest)
+        if not match:
+            raise CrfsError(f"content cache: unsupported digest {digest!r}")
+        return self.root / f"sha256-{match.group(1)}"
+
+    def open(self, digest: str, size: int) -> int | None:
+        """An fd on the cached bytes, or None if they are not (or not validly) cached."""
+        path = self.path_for(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        st = os.fstat(fd)
+        # A file we did not write (wrong owner, open to others, wrong size) is not trusted.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size != size:
+            os.close(fd)
+            os.unlink(path)
+            return None
+        return fd
+
+    def get(self, digest: str, size: int, fetch: Callable[[], bytes]) -> CachedFile:
+        """The cached file for `digest`, fetching and verifying it once if missing."""
+        with self._lock_for(digest):
+            fd = self.open(digest, size)
+            if fd is not None:
+                return CachedFile(fd, size, fetched=False)
+            data = fetch()
+            return CachedFile(self._store(digest, size, data), size, fetched=True)
+
+    def _store(self, digest: str, size: int, data: bytes) -> int:
+        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise VerificationError(f"content cache: fetched bytes do not match {digest}")
+        final = self.path_for(digest)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")  # created 0600
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.replace(tmp, final)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        # Reopen read-only: the writer's fd must not reach fuse-overlayfs.
+        os.close(fd)
+        return os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def _lock_for(self, digest: str) -> threading.Lock:
+        return self._locks[hash(digest) % len(self._locks)]
+
+    def total_bytes(self, digests: set[str]) -> int:
+        """Bytes these digests occupy in the cache now."""
+        total = 0
+        for digest in digests:
+            try:
+                total += self.path_for(digest).stat().st_size
+            except (FileNotFoundError, CrfsError):
+                continue
+        return total

@@ -1,0 +1,410 @@
+"""Answers crfs.so's requests from layer views: the worker side of the plugin protocol.
+
+Metadata (stat, exists, readdir, readlink, xattrs) comes from each layer's index and
+never touches the network. `open` returns a real fd:
+- a small regular file without xattrs: its bytes, fetched whole in one Range request,
+  verified, and kept in the content cache (shared across layers and images);
+- everything else (directories, large files, files with xattrs, opens that only look,
+  i.e. O_NONBLOCK): an fd on the worker's pyfuse3 view, which fetches chunks only when
+  the kernel reads them and shows the entry's metadata and xattrs on fstat/fgetxattr.
+Layers show the tar's truth: whiteouts are `.wh.NAME` files and `.wh..wh..opq`, which
+fuse-overlayfs understands as they are.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .blob import BlobReader, LocalBlob
+from .contentcache import ContentCache
+from .errors import CrfsError, FormatError, NotFoundError, RegistryError, VerificationError
+from .ipc import PROTOCOL_VERSION, RequestFailed
+from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
+
+log = logging.getLogger(__name__)
+
+SMALL_FILE_LIMIT = 1 << 20  # files up to this size are fetched whole into the content cache
+
+
+class EntryStatLike(Protocol):
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev_major: int
+    rdev_minor: int
+
+
+class LayerLike(Protocol):
+    """The part of layer.Layer this module uses (see docs/DESIGN.md)."""
+
+    def stat(self, path: str) -> EntryStatLike: ...
+    def exists(self, path: str) -> bool: ...
+    def readdir(self, path: str) -> list[tuple[str, EntryStatLike]]: ...
+    def readlink(self, path: str) -> str: ...
+    def listxattr(self, path: str) -> list[str]: ...
+    def getxattr(self, path: str, name: str) -> bytes: ...
+    def read(self, path: str, offset: int, size: int) -> bytes: ...
+
+
+class FdView(Protocol):
+    """Where non-cache fds come from (fileview.FileView)."""
+
+    def root_fd(self, num: int) -> int: ...
+    def open(self, num: int, parts: list[str], flags: int) -> int: ...
+
+
+# ---------------------------------------------------------------------------- counters
+
+
+@dataclass
+class LayerStats:
+    """What one layer cost: shown by `crfs stats`."""
+
+    fetched_bytes: int = 0
+    requests: int = 0
+    verification_failures: int = 0
+    cached_digests: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count_fetch(self, length: int) -> None:
+        with self.lock:
+            self.requests += 1
+            self.fetched_bytes += length
+
+    def count_failure(self) -> None:
+        with self.lock:
+            self.verification_failures += 1
+
+    def count_cached(self, digest: str) -> None:
+        with self.lock:
+            self.cached_digests.add(digest)
+
+
+@dataclass
+class CountingBlob:
+    """A BlobReader that counts the Range requests and bytes of the blob under it."""
+
+    blob: BlobReader
+    stats: LayerStats
+
+    @property
+    def size(self) -> int:
+        return self.blob.size
+
+    @property
+    def name(self) -> str:
+        return self.blob.name
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        data = self.blob.read_range(offset, length)
+        self.stats.count_fetch(length)
+        return data
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+@dataclass
+class LiveLayer:
+    """One opened layer. Calls are serialised: a Layer is not assumed thread-safe."""
+
+    num: int
+    record: LayerRecord
+    layer: LayerLike
+    stats: LayerStats
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def call(self, method: str, *args: Any) -> Any:
+        with self.lock:
+            try:
+                return getattr(self.layer, method)(*args)
+            except VerificationError:
+                self.stats.count_failure()
+                raise
+
+
+LayerOpener = Callable[[LayerRecord, BlobReader, Path], LayerLike]
+
+
+def open_record_blob(record: LayerRecord) -> BlobReader:
+    """The blob a layer record points at."""
+    if record.kind == "file":
+        try:
+            return LocalBlob(Path(record.location))
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"layer blob {record.location} does not exist") from exc
+    from .reference import parse_reference  # the registry stack loads only when needed
+    from .registry import RegistryClient
+
+    if record.digest is None or record.size is None:
+        raise FormatError(f"{record.location}: registry layer without digest or size")
+    client = RegistryClient()
+    return client.blob(parse_reference(record.location), record.digest, record.size)
+
+
+def open_layer(record: LayerRecord, blob: BlobReader, index_dir: Path) -> LayerLike:
+    from .layer import Layer, LayerSource
+
+    source = LayerSource(blob, record.toc_digest, dict(record.annotations), record.allow_unverified)
+    return Layer.open(source, index_dir)  # type: ignore[return-value]
+
+
+@dataclass
+class LayerTable:
+    """Layers by number, opened on first use and kept for the worker's life."""
+
+    keys: KeyStore
+    index_dir: Path
+    opener: LayerOpener = open_layer
+    blob_opener: Callable[[LayerRecord], BlobReader] = open_record_blob
+    _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def get(self, num: int) -> LiveLayer:
+        with self._lock:
+            live = self._live.get(num)
+            if live is not None:
+                return live
+            record = self.keys.layer(num)
+            stats = LayerStats()
+            blob = CountingBlob(self.blob_opener(record), stats)
+            layer = self.opener(record, blob, self.index_dir)
+            live = LiveLayer(num, record, layer, stats)
+            self._live[num] = live
+            log.info("opened layer %d: %s", num, record.describe())
+            return live
+
+    def live_layers(self) -> list[LiveLayer]:
+        with self._lock:
+            return sorted(self._live.values(), key=lambda live: live.num)
+
+    # The view's source (fileview.ViewSource)
+
+    def layer_numbers(self) -> list[int]:
+        return [live.num for live in self.live_layers()]
+
+    def stat(self, num: int, path: str) -> EntryStatLike:
+        return self.get(num).call("stat", path)
+
+    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStatLike]]:
+        return self.get(num).call("readdir", path)
+
+    def readlink(self, num: int, path: str) -> str:
+        return self.get(num).call("readlink", path)
+
+    def listxattr(self, num: int, path: str) -> list[str]:
+        return self.get(num).call("listxattr", path)
+
+    def getxattr(self, num: int, path: str, name: str) -> bytes:
+        return self.get(num).call("getxattr", path, name)
+
+    def read(self, num: int, path: str, offset: int, size: int) -> bytes:
+        return self.get(num).call("read", path, offset, size)
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+def path_parts(raw: Any) -> list[str]:
+    """The components of a plugin path ("/x", "./x/", "." and "" are all fine); ".." is
+    refused: a layer path never climbs."""
+    if not isinstance(raw, (bytes, str)):
+        raise RequestFailed(errno.EINVAL, "path must be bytes")
+    text = os.fsdecode(raw)
+    if "\x00" in text:
+        raise RequestFailed(errno.EINVAL, "path contains NUL")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise RequestFailed(errno.ENOENT, f"{text}: '..' is not a layer path")
+    if len(text.encode(errors="surrogateescape")) >= 4096:
+        raise RequestFailed(errno.ENAMETOOLONG, "path too long")
+    return parts
+
+
+def errno_for(exc: BaseException) -> int:
+    if isinstance(exc, (FileNotFoundError, UnknownKeyError)):
+        return errno.ENOENT
+    if isinstance(exc, NotADirectoryError):
+        return errno.ENOTDIR
+    if isinstance(exc, IsADirectoryError):
+        return errno.EISDIR
+    if isinstance(exc, KeyError):
+        return errno.ENODATA
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO  # verification, format and registry failures: readers see EIO
+
+
+def stat_fields(num: int, st: EntryStatLike) -> list[int]:
+    return [compose_ino(num, st.ino), st.mode, st.nlink, st.uid, st.gid, st.size, st.mtime_ns,
+            st.rdev_major, st.rdev_minor]
+
+
+def _int_arg(request: dict[str, Any], name: str) -> int:
+    value = request.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestFailed(errno.EINVAL, f"missing integer argument {name!r}")
+    return value
+
+
+@dataclass
+class LowerLayerService:
+    """The request handler the worker's IpcServer calls (see ipc.py for the protocol)."""
+
+    table: LayerTable
+    view: FdView
+    cache: ContentCache
+    small_file_limit: int = SMALL_FILE_LIMIT
+    file_digest: Callable[[LiveLayer, str], str | None] = lambda live, path: _layer_file_digest(live, path)
+
+    def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        op = request.get("op")
+        handler = self._handlers().get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise RequestFailed(errno.ENOSYS, f"unknown request {op!r}")
+        try:
+            return handler(request)
+        except RequestFailed:
+            raise
+        except (CrfsError, OSError) as exc:
+            code = errno_for(exc)
+            if code == errno.EIO:
+                log.warning("%s failed: %s", op, exc)
+            raise RequestFailed(code, str(exc)) from exc
+
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], int | None]]]:
+        return {
+            "hello": self._hello,
+            "layers": self._layers,
+            "root": self._root,
+            "stat": self._stat,
+            "exists": self._exists,
+            "readlink": self._readlink,
+            "listxattr": self._listxattr,
+            "getxattr": self._getxattr,
+            "open": self._open,
+            "stats": self._stats,
+        }
+
+    def _target(self, request: dict[str, Any]) -> tuple[LiveLayer, list[str], str]:
+        live = self.table.get(_int_arg(request, "layer"))
+        parts = path_parts(request.get("path"))
+        return live, parts, "/".join(parts)
+
+    def _hello(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        return {"version": PROTOCOL_VERSION, "pid": os.getpid()}, None
+
+    def _layers(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        key = request.get("key")
+        if not isinstance(key, str):
+            raise RequestFailed(errno.EINVAL, "missing key")
+        nums = self.table.keys.layer_numbers(key)
+        for num in nums:
+            self.table.get(num)  # open (and verify) every layer now, while the mount waits
+        return {"layers": nums}, None
+
+    def _root(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        num = _int_arg(request, "layer")
+        self.table.get(num)
+        return {}, self.view.root_fd(num)
+
+    def _stat(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        live, _, path = self._target(request)
+        return {"st": stat_fields(live.num, live.call("stat", path))}, None
+
+    def _exists(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        live, _, path = self._target(request)
+        if not live.call("exists", path):
+            raise RequestFailed(errno.ENOENT, f"{path}: not in layer {live.num}")
+        return {}, None
+
+    def _readlink(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        live, _, path = self._target(request)
+        st = live.call("stat", path)
+        if not stat.S_ISLNK(st.mode):
+            raise RequestFailed(errno.EINVAL, f"{path}: not a symlink")
+        return {"target": os.fsencode(live.call("readlink", path))}, None
+
+    def _listxattr(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        live, _, path = self._target(request)
+        return {"names": [os.fsencode(n) for n in live.call("listxattr", path)]}, None
+
+    def _getxattr(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        live, _, path = self._target(request)
+        name = request.get("name")
+        if not isinstance(name, (bytes, str)):
+            raise RequestFailed(errno.EINVAL, "missing xattr name")
+        try:
+            value = live.call("getxattr", path, os.fsdecode(name))
+        except KeyError as exc:
+            raise RequestFailed(errno.ENODATA, f"{path}: no xattr {os.fsdecode(name)}") from exc
+        return {"value": bytes(value)}, None
+
+    def _open(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        live, parts, path = self._target(request)
+        flags = _int_arg(request, "flags")
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_CREAT | os.O_TRUNC):
+            raise RequestFailed(errno.EROFS, f"{path}: layers are read-only")
+        st = live.call("stat", path)
+        if flags & os.O_DIRECTORY and not stat.S_ISDIR(st.mode):
+            raise RequestFailed(errno.ENOTDIR, f"{path}: not a directory")
+        if stat.S_ISLNK(st.mode) and not flags & os.O_PATH:
+            raise RequestFailed(errno.ELOOP, f"{path}: is a symlink")
+        if self._wants_cache(live, path, st, flags):
+            fd = self._cached_fd(live, path, st)
+            if fd is not None:
+                return {}, fd
+        # Opening on the view fetches nothing; the kernel's reads fetch chunks.
+        return {}, self.view.open(live.num, parts, flags)
+
+    def _wants_cache(self, live: LiveLayer, path: str, st: EntryStatLike, flags: int) -> bool:
+        if not stat.S_ISREG(st.mode) or st.size > self.small_file_limit:
+            return False
+        if flags & (os.O_NONBLOCK | os.O_PATH):
+            return False  # a lookup that only reads xattrs: fetch nothing
+        return not live.call("listxattr", path)  # copy-up reads xattrs from the fd
+
+    def _cached_fd(self, live: LiveLayer, path: str, st: EntryStatLike) -> int | None:
+        digest = self.file_digest(live, path)
+        if digest is None:
+            return None  # nothing vouches for the whole file: the view verifies chunk by chunk
+        cached = self.cache.get(digest, st.size, lambda: self._fetch_whole(live, path, st.size))
+        live.stats.count_cached(digest)
+        return cached.fd
+
+    def _fetch_whole(self, live: LiveLayer, path: str, size: int) -> bytes:
+        return live.call("read", path, 0, size) if size else b""
+
+    def _stats(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        rows = []
+        for live in self.table.live_layers():
+            with live.stats.lock:
+                digests = set(live.stats.cached_digests)
+                row = {
+                    "num": live.num,
+                    "name": live.record.describe(),
+                    "fetched": live.stats.fetched_bytes,
+                    "requests": live.stats.requests,
+                    "failures": live.stats.verification_failures,
+                }
+            row["cached"] = self.cache.total_bytes(digests)
+            rows.append(row)
+        return {"layers": rows}, None
+
+
+def _layer_file_digest(live: LiveLayer, path: str) -> str | None:
+    """The whole-file digest the TOC gives for `path`, if the layer exposes one."""
+    getter = getattr(live.layer, "file_digest", None)
+    if getter is None:
+        return None
+    return live.call("file_digest", path)

@@ -1,0 +1,162 @@
+"""The crfs worker process: one per user, serving crfs.so and the CLI over a Unix socket.
+
+    RUNTIME/worker.sock   the socket (RUNTIME is dirs.runtime_dir(), 0700)
+    RUNTIME/worker.lock   held while a worker runs: a second one exits quietly
+    RUNTIME/worker.log    what went wrong (the worker has no terminal)
+    RUNTIME/view/         the pyfuse3 view fds come from
+    RUNTIME/keys, layers  the KEY registry (layerkeys.py)
+
+crfs.so starts the worker when none answers (`crfs worker`, or CRFS_WORKER_CMD). The
+worker lives while clients are connected (every mount holds one) and exits after
+`--idle-timeout` seconds without any, or on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .contentcache import ContentCache
+from .dirs import cache_dir, ensure_private_dir, index_dir, runtime_dir
+from .errors import CrfsError
+from .fileview import FileView
+from .ipc import IpcServer, WorkerClient
+from .layerkeys import KeyStore
+from .lowerlayer import LayerTable, LowerLayerService
+
+log = logging.getLogger("crfs_worker")
+
+SOCKET_NAME = "worker.sock"
+
+
+def socket_path(runtime: Path | None = None) -> Path:
+    return (runtime or runtime_dir()) / SOCKET_NAME
+
+
+@dataclass
+class WorkerConfig:
+    runtime: Path
+    index: Path
+    content: Path
+    idle_timeout: float
+
+
+@dataclass
+class _Lock:
+    fd: int
+
+    @classmethod
+    def try_acquire(cls, path: Path) -> "_Lock | None":
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(fd)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _setup_logging(runtime: Path) -> None:
+    handler = logging.handlers.RotatingFileHandler(runtime / "worker.log", maxBytes=1 << 20, backupCount=2)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def run(config: WorkerConfig) -> int:
+    """Serves until told to stop or idle; 0 also when another worker already runs."""
+    ensure_private_dir(config.runtime)
+    lock = _Lock.try_acquire(config.runtime / "worker.lock")
+    if lock is None:
+        return 0
+    _setup_logging(config.runtime)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stop.set())
+    table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index))
+    view = FileView(table, config.runtime / "view")
+    try:
+        view.mount()
+        service = LowerLayerService(table, view, ContentCache(config.content))
+        server = IpcServer(socket_path(config.runtime), service)
+        server.start()
+        log.info("worker %d serving %s", os.getpid(), server.path)
+        try:
+            _wait(server, stop, config.idle_timeout)
+        finally:
+            server.stop()
+    except CrfsError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        view.unmount()
+        lock.release()
+        log.info("worker %d stopped", os.getpid())
+    return 0
+
+
+def _wait(server: IpcServer, stop: threading.Event, idle_timeout: float) -> None:
+    idle_since = time.monotonic()
+    while not stop.wait(1.0):
+        if server.client_count:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= idle_timeout:
+            log.info("idle for %.0f s: exiting", idle_timeout)
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`crfs worker [--idle-timeout S]`: run the worker in the foreground of this process."""
+    parser = argparse.ArgumentParser(prog="crfs worker", description="serve crfs.so and the crfs CLI")
+    parser.add_argument("--idle-timeout", type=float, default=600.0,
+                        help="exit after this many seconds without clients (default 600)")
+    args = parser.parse_args(argv)
+    try:
+        config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout)
+    except CrfsError as exc:
+        print(f"crfs worker: {exc}", file=sys.stderr)
+        return 1
+    return run(config)
+
+
+# ---------------------------------------------------------------------------- clients
+
+
+def connect(runtime: Path | None = None) -> WorkerClient:
+    """A connection to the running worker (IpcError if none answers)."""
+    return WorkerClient(socket_path(runtime)).connect()
+
+
+def request_stats(runtime: Path | None = None) -> list[dict[str, Any]]:
+    """Per-layer counters of the running worker, for `crfs stats`."""
+    with connect(runtime) as client:
+        return list(client.call("stats").fields["layers"])
+
+
+def format_stats(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'LAYER':>5}  {'FETCHED':>12}  {'CACHED':>12}  {'REQUESTS':>8}  {'VERIFY-FAIL':>11}  NAME"]
+    for row in rows:
+        lines.append(
+            f"{row['num']:>5}  {row['fetched']:>12}  {row['cached']:>12}  {row['requests']:>8}  "
+            f"{row['failures']:>11}  {row['name']}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
