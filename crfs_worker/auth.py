@@ -325,6 +325,17 @@ class Authenticator:
             wanted = scopes + tuple(s for s in challenge.scopes if s not in scopes)
             return self._new_token(registry, repository, challenge, scopes, wanted)
 
+    def refusal(self, registry: str, repository: str, scopes: Scopes, sent: str, detail: str) -> AuthError:
+        """The error for a registry that refused the header `after_unauthorized` gave."""
+        if sent.lower().startswith("basic "):
+            credentials = self.credentials.lookup(registry, repository).credentials
+            who = f"user {credentials.username!r} from {credentials.origin}" if credentials else "user"
+            return AuthError(f"registry {registry} refused the credentials of {who}: {detail}")
+        return AuthError(
+            f"registry {registry} refused access to {repository} ({' '.join(scopes)}) "
+            f"even with a fresh token: {detail}"
+        )
+
     def _basic_header(self, registry: str, repository: str, sent: str | None) -> str:
         lookup = self.credentials.lookup(registry, repository)
         if lookup.credentials is None:

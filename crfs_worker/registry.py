@@ -702,10 +702,7 @@ class RegistryClient:
         if response.status_code == 401:
             detail = _error_detail(response)
             response.close()
-            raise AuthError(
-                f"registry {ref.registry} refused access to {ref.repository} "
-                f"({' '.join(scopes)}) even with fresh credentials: {detail}"
-            )
+            raise self._auth.refusal(ref.registry, ref.repository, scopes, authorization, detail)
         return response
 
     def _send_once(

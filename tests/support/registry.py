@@ -24,6 +24,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -175,7 +176,7 @@ class RegistryProcess:
         self.start()
 
     def _wait_until_answering(self) -> None:
-        verify: Any = str(self.ca_file) if self.ca_file else True
+        verify: Any = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
         deadline = time.monotonic() + 30
         url = f"{self.scheme}://{self.netloc}/v2/"
         with httpx.Client(verify=verify, timeout=2.0, trust_env=False) as probe:
@@ -669,7 +670,7 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
 
         def _pass_on(self, response: http.client.HTTPResponse, range_header: str | None) -> None:
             blob = _BLOB_PATH.match(urlsplit(self.path).path)
-            if relay.redirect_blobs_to is not None and blob and self.command in ("GET", "HEAD") and response.status == 200:
+            if relay.redirect_blobs_to is not None and blob and self.command in ("GET", "HEAD") and response.status in (200, 206):
                 location = relay.redirect_blobs_to.url_for(blob.group(2))
                 self.send_response(307)
                 self.send_header("Location", location)
