@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -30,6 +31,12 @@ from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
 log = logging.getLogger(__name__)
 
 SMALL_FILE_LIMIT = 1 << 20  # files up to this size are fetched whole into the content cache
+# eStargz prefetch markers at a layer's root: format artifacts, not image content.
+LANDMARKS = frozenset((".prefetch.landmark", ".no.prefetch.landmark"))
+
+
+def _is_landmark(path: str) -> bool:
+    return path in LANDMARKS
 
 
 class EntryStatLike(Protocol):
@@ -54,6 +61,9 @@ class LayerLike(Protocol):
     def listxattr(self, path: str) -> list[str]: ...
     def getxattr(self, path: str, name: str) -> bytes: ...
     def read(self, path: str, offset: int, size: int) -> bytes: ...
+    def chunks_for(self, path: str, offset: int, size: int) -> list[Any]: ...
+    def fetch_ranges(self, chunks: list[Any]) -> list[tuple[int, int]]: ...
+    def decode_chunk(self, chunk: Any, raw: bytes) -> bytes: ...
 
 
 class FdView(Protocol):
@@ -116,21 +126,65 @@ class CountingBlob:
 
 @dataclass
 class LiveLayer:
-    """One opened layer. Calls are serialised: a Layer is not assumed thread-safe."""
+    """One opened layer with the blob it reads through and its counters."""
 
     num: int
     record: LayerRecord
     layer: LayerLike
+    blob: CountingBlob
     stats: LayerStats
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Layer guards its index itself; decoding shares a decompressor context, so one at a time.
+    decode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def call(self, method: str, *args: Any) -> Any:
-        with self.lock:
+        try:
+            return getattr(self.layer, method)(*args)
+        except VerificationError:
+            self.stats.count_failure()
+            raise
+
+    def decode(self, chunk: Any, raw: bytes) -> bytes:
+        with self.decode_lock:
             try:
-                return getattr(self.layer, method)(*args)
+                return self.layer.decode_chunk(chunk, raw)
             except VerificationError:
                 self.stats.count_failure()
                 raise
+
+    def file_digest(self, path: str) -> str | None:
+        """The TOC's whole-file digest for `path` (the content cache key), if it has one."""
+        st = self.layer.stat(path)
+        raw = self.layer.index.file_digest(st.ino)  # type: ignore[attr-defined]
+        return None if raw is None else "sha256:" + raw.hex()
+
+
+@dataclass
+class ChunkCache:
+    """Recently decoded chunks, so the kernel's 128 KiB reads of a 4 MiB chunk fetch it once."""
+
+    limit_bytes: int = 64 << 20
+    _chunks: "OrderedDict[tuple[int, Any], bytes]" = field(default_factory=OrderedDict, init=False, repr=False)
+    _size: int = field(default=0, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def get(self, key: tuple[int, Any]) -> bytes | None:
+        with self._lock:
+            data = self._chunks.get(key)
+            if data is not None:
+                self._chunks.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, Any], data: bytes) -> None:
+        if len(data) > self.limit_bytes:
+            return
+        with self._lock:
+            if key in self._chunks:
+                return
+            self._chunks[key] = data
+            self._size += len(data)
+            while self._size > self.limit_bytes:
+                _, evicted = self._chunks.popitem(last=False)
+                self._size -= len(evicted)
 
 
 LayerOpener = Callable[[LayerRecord, BlobReader, Path], LayerLike]
@@ -167,6 +221,7 @@ class LayerTable:
     index_dir: Path
     opener: LayerOpener = open_layer
     blob_opener: Callable[[LayerRecord], BlobReader] = open_record_blob
+    chunk_cache: ChunkCache = field(default_factory=ChunkCache)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -179,7 +234,7 @@ class LayerTable:
             stats = LayerStats()
             blob = CountingBlob(self.blob_opener(record), stats)
             layer = self.opener(record, blob, self.index_dir)
-            live = LiveLayer(num, record, layer, stats)
+            live = LiveLayer(num, record, layer, blob, stats)
             self._live[num] = live
             log.info("opened layer %d: %s", num, record.describe())
             return live
@@ -194,10 +249,18 @@ class LayerTable:
         return [live.num for live in self.live_layers()]
 
     def stat(self, num: int, path: str) -> EntryStatLike:
+        if _is_landmark(path):
+            raise FileNotFoundError(errno.ENOENT, "eStargz landmark", path)
         return self.get(num).call("stat", path)
 
+    def exists(self, num: int, path: str) -> bool:
+        return not _is_landmark(path) and self.get(num).call("exists", path)
+
     def readdir(self, num: int, path: str) -> list[tuple[str, EntryStatLike]]:
-        return self.get(num).call("readdir", path)
+        entries = self.get(num).call("readdir", path)
+        if path:
+            return entries
+        return [(name, st) for name, st in entries if name not in LANDMARKS]
 
     def readlink(self, num: int, path: str) -> str:
         return self.get(num).call("readlink", path)
@@ -209,7 +272,46 @@ class LayerTable:
         return self.get(num).call("getxattr", path, name)
 
     def read(self, num: int, path: str, offset: int, size: int) -> bytes:
-        return self.get(num).call("read", path, offset, size)
+        """Verified bytes [offset, offset+size) of a file, fetching only missing chunks
+        (adjacent ones in one Range request)."""
+        live = self.get(num)
+        chunks = live.call("chunks_for", path, offset, size)
+        if not chunks:
+            return b""
+        decoded = {c.key: self.chunk_cache.get((num, c.key)) for c in chunks}
+        missing = [c for c in chunks if decoded[c.key] is None]
+        if missing:
+            decoded.update(self._fetch(live, missing))
+        data = b"".join(decoded[c.key] for c in chunks)  # type: ignore[misc]
+        start = offset - chunks[0].offset
+        return data[start:start + size]
+
+    def read_whole(self, num: int, path: str, size: int) -> bytes:
+        """A whole (small) file, fetched in one Range request and verified chunk by chunk."""
+        live = self.get(num)
+        chunks = live.call("chunks_for", path, 0, size)
+        fetched = [c for c in chunks if c.needs_fetch]
+        if not fetched:
+            return b"".join(live.decode(c, b"") for c in chunks)
+        start = min(c.cstart for c in fetched)
+        raw = live.blob.read_range(start, max(c.cend for c in fetched) - start)
+        return b"".join(
+            live.decode(c, raw[c.cstart - start:c.cend - start] if c.needs_fetch else b"") for c in chunks
+        )
+
+    def _fetch(self, live: LiveLayer, chunks: list[Any]) -> dict[Any, bytes]:
+        out: dict[Any, bytes] = {}
+        ranges = live.layer.fetch_ranges(chunks)
+        raws = {(a, b): live.blob.read_range(a, b - a) for a, b in ranges}
+        for chunk in chunks:
+            raw = b""
+            if chunk.needs_fetch:
+                a, b = next(r for r in raws if r[0] <= chunk.cstart and chunk.cend <= r[1])
+                raw = raws[(a, b)][chunk.cstart - a:chunk.cend - a]
+            data = live.decode(chunk, raw)
+            self.chunk_cache.put((live.num, chunk.key), data)
+            out[chunk.key] = data
+        return out
 
 
 # ---------------------------------------------------------------------------- requests
@@ -265,7 +367,6 @@ class LowerLayerService:
     view: FdView
     cache: ContentCache
     small_file_limit: int = SMALL_FILE_LIMIT
-    file_digest: Callable[[LiveLayer, str], str | None] = lambda live, path: _layer_file_digest(live, path)
 
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         op = request.get("op")
@@ -320,24 +421,25 @@ class LowerLayerService:
 
     def _stat(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         live, _, path = self._target(request)
-        return {"st": stat_fields(live.num, live.call("stat", path))}, None
+        return {"st": stat_fields(live.num, self.table.stat(live.num, path))}, None
 
     def _exists(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         live, _, path = self._target(request)
-        if not live.call("exists", path):
+        if not self.table.exists(live.num, path):
             raise RequestFailed(errno.ENOENT, f"{path}: not in layer {live.num}")
         return {}, None
 
     def _readlink(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         live, _, path = self._target(request)
-        st = live.call("stat", path)
+        st = self.table.stat(live.num, path)
         if not stat.S_ISLNK(st.mode):
             raise RequestFailed(errno.EINVAL, f"{path}: not a symlink")
-        return {"target": os.fsencode(live.call("readlink", path))}, None
+        return {"target": os.fsencode(self.table.readlink(live.num, path))}, None
 
     def _listxattr(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         live, _, path = self._target(request)
-        return {"names": [os.fsencode(n) for n in live.call("listxattr", path)]}, None
+        self.table.stat(live.num, path)
+        return {"names": [os.fsencode(n) for n in self.table.listxattr(live.num, path)]}, None
 
     def _getxattr(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         live, _, path = self._target(request)
@@ -345,7 +447,8 @@ class LowerLayerService:
         if not isinstance(name, (bytes, str)):
             raise RequestFailed(errno.EINVAL, "missing xattr name")
         try:
-            value = live.call("getxattr", path, os.fsdecode(name))
+            self.table.stat(live.num, path)
+            value = self.table.getxattr(live.num, path, os.fsdecode(name))
         except KeyError as exc:
             raise RequestFailed(errno.ENODATA, f"{path}: no xattr {os.fsdecode(name)}") from exc
         return {"value": bytes(value)}, None
@@ -355,7 +458,7 @@ class LowerLayerService:
         flags = _int_arg(request, "flags")
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_CREAT | os.O_TRUNC):
             raise RequestFailed(errno.EROFS, f"{path}: layers are read-only")
-        st = live.call("stat", path)
+        st = self.table.stat(live.num, path)
         if flags & os.O_DIRECTORY and not stat.S_ISDIR(st.mode):
             raise RequestFailed(errno.ENOTDIR, f"{path}: not a directory")
         if stat.S_ISLNK(st.mode) and not flags & os.O_PATH:
@@ -372,10 +475,10 @@ class LowerLayerService:
             return False
         if flags & (os.O_NONBLOCK | os.O_PATH):
             return False  # a lookup that only reads xattrs: fetch nothing
-        return not live.call("listxattr", path)  # copy-up reads xattrs from the fd
+        return not self.table.listxattr(live.num, path)  # copy-up reads xattrs from the fd
 
     def _cached_fd(self, live: LiveLayer, path: str, st: EntryStatLike) -> int | None:
-        digest = self.file_digest(live, path)
+        digest = live.file_digest(path)
         if digest is None:
             return None  # nothing vouches for the whole file: the view verifies chunk by chunk
         cached = self.cache.get(digest, st.size, lambda: self._fetch_whole(live, path, st.size))
@@ -383,7 +486,7 @@ class LowerLayerService:
         return cached.fd
 
     def _fetch_whole(self, live: LiveLayer, path: str, size: int) -> bytes:
-        return live.call("read", path, 0, size) if size else b""
+        return self.table.read_whole(live.num, path, size) if size else b""
 
     def _stats(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         rows = []
@@ -401,10 +504,3 @@ class LowerLayerService:
             rows.append(row)
         return {"layers": rows}, None
 
-
-def _layer_file_digest(live: LiveLayer, path: str) -> str | None:
-    """The whole-file digest the TOC gives for `path`, if the layer exposes one."""
-    getter = getattr(live.layer, "file_digest", None)
-    if getter is None:
-        return None
-    return live.call("file_digest", path)

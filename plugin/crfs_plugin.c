@@ -1186,7 +1186,8 @@ crfs_openat (struct ovl_layer *l, const char *path, int flags, mode_t mode)
   int fd;
 
   (void) mode;
-  if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_TMPFILE)))
+  /* O_TMPFILE includes O_DIRECTORY's bit: compare the whole mask. */
+  if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC)) || (flags & O_TMPFILE) == O_TMPFILE)
     {
       errno = EROFS;
       return -1;

@@ -79,3 +79,26 @@ def blob_host() -> Iterator[Callable[[RunningRegistry], BlobHost]]:
     yield make
     for host in started:
         host.stop()
+
+
+# ---- crfs.so and the worker (tests/support/plugin_env.py) ----
+
+from tests.support.plugin_env import PluginSession, start_plugin_session  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def plugin_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSession]:
+    """crfs.so built, a three-layer eStargz image registered under `session.key`, and a
+    private runtime/cache dir; the worker the plugin starts is stopped at the end."""
+    session = start_plugin_session(tmp_path_factory.mktemp("plugin-image"))
+    yield session
+    session.stop_worker()
+    session.cleanup()
+
+
+@pytest.fixture
+def plugin_env(plugin_session: PluginSession, monkeypatch: pytest.MonkeyPatch) -> PluginSession:
+    """`plugin_session` with its CRFS_* variables set in this process for the test."""
+    for name, value in plugin_session.env.items():
+        monkeypatch.setenv(name, value)
+    return plugin_session

@@ -1,0 +1,85 @@
+"""The environment the crfs.so tests run in: a built plugin, a registered test image, a
+private runtime directory, and a way to find and stop the worker the plugin starts."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from crfs_worker.ipc import WorkerClient
+from crfs_worker.layerkeys import KeyStore, LayerRecord
+from tests.support.layered_image import LayeredImage, build_layered_image
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN_DIR = REPO / "plugin"
+
+
+def build_plugin(target: str = "crfs.so") -> Path:
+    subprocess.run(["make", "-s", "-C", str(PLUGIN_DIR), target], check=True)
+    return PLUGIN_DIR / target
+
+
+@dataclass
+class PluginSession:
+    plugin: Path
+    image: LayeredImage
+    runtime: Path
+    cache: Path
+    key: str
+    env: dict[str, str]
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime / "worker.sock"
+
+    def client(self) -> WorkerClient:
+        return WorkerClient(self.socket).connect()
+
+    def worker_pid(self) -> int | None:
+        """The pid in the worker's lock file, if that process is alive."""
+        try:
+            text = (self.runtime / "worker.lock").read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit() or not Path(f"/proc/{text}").exists():
+            return None
+        return int(text)
+
+    def stop_worker(self, timeout: float = 20.0) -> None:
+        pid = self.worker_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+        view = self.runtime / "view"
+        if os.path.ismount(view):
+            subprocess.run(["fusermount3", "-u", "-z", str(view)], check=False)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+
+def start_plugin_session(workdir: Path) -> PluginSession:
+    plugin = build_plugin()
+    image = build_layered_image(workdir)
+    # Short paths: a Unix socket path must fit in 108 bytes.
+    runtime = Path(tempfile.mkdtemp(prefix="crfs-rt-"))
+    cache = Path(tempfile.mkdtemp(prefix="crfs-cache-"))
+    records = [LayerRecord("file", str(layer.blob), toc_digest=layer.toc_digest) for layer in image.layers]
+    key = KeyStore(runtime).register(f"test-image:{workdir}", records)
+    env = {
+        "CRFS_RUNTIME_DIR": str(runtime),
+        "CRFS_CACHE_DIR": str(cache),
+        "CRFS_WORKER_CMD": f"{sys.executable} -m crfs_worker.worker --idle-timeout 600",
+    }
+    return PluginSession(plugin, image, runtime, cache, key, env)
