@@ -83,13 +83,13 @@ def blob_host() -> Iterator[Callable[[RunningRegistry], BlobHost]]:
 
 # ---- crfs.so and the worker (tests/support/plugin_env.py) ----
 
-from tests.support.plugin_env import PluginSession, start_plugin_session  # noqa: E402
-
 
 @pytest.fixture(scope="session")
-def plugin_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSession]:
+def plugin_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator["PluginSession"]:
     """crfs.so built, a three-layer eStargz image registered under `session.key`, and a
     private runtime/cache dir; the worker the plugin starts is stopped at the end."""
+    from tests.support.plugin_env import start_plugin_session  # imported here: it builds with the writer
+
     session = start_plugin_session(tmp_path_factory.mktemp("plugin-image"))
     yield session
     session.stop_worker()
@@ -97,7 +97,7 @@ def plugin_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginS
 
 
 @pytest.fixture
-def plugin_env(plugin_session: PluginSession, monkeypatch: pytest.MonkeyPatch) -> PluginSession:
+def plugin_env(plugin_session: "PluginSession", monkeypatch: pytest.MonkeyPatch) -> "PluginSession":
     """`plugin_session` with its CRFS_* variables set in this process for the test."""
     for name, value in plugin_session.env.items():
         monkeypatch.setenv(name, value)
