@@ -351,6 +351,47 @@ def test_5xx_bursts_are_retried(registry: RunningRegistry, fault_relay: Relays) 
     assert "range [0, 1)" in message
 
 
+def test_downloads_that_break_off_are_retried(registry: RunningRegistry, fault_relay: Relays) -> None:
+    data = os.urandom(200_000)
+    repository = _unique("cut")
+    digest = registry.push_blob(repository, data)
+    relay = fault_relay(registry)
+    through = _relayed(registry, relay)
+    ref = through.ref(repository)
+    with through.client() as client:
+        assert client.blob_size(ref, digest) == len(data)  # after the /v2/ probe, so cuts hit blobs
+        relay.cut_next(1, after_bytes=70_000)
+        assert client.get_blob(ref, digest) == data
+        relay.cut_next(1, after_bytes=10)
+        assert client.read_range(ref, digest, 1000, 5000) == data[1000:6000]
+        relay.wait_for_records(6)  # probe, HEAD, four GETs: the relay logs after sending
+        assert [(r.completed, r.body_bytes_sent) for r in _api_records(relay) if r.method == "GET"] == [
+            (False, 70_000), (True, 200_000), (False, 10), (True, 5000)]
+        relay.cut_next(1, after_bytes=70_000)
+        with pytest.raises(RegistryError, match="broke off after"):
+            list(client.stream_blob(ref, digest))
+
+
+def test_uploads_failing_midway_are_restarted(registry: RunningRegistry, fault_relay: Relays) -> None:
+    data = os.urandom(100_000)
+    digest = sha256_digest(data)
+    relay = fault_relay(registry)
+    through = _relayed(registry, relay)
+    ref = through.ref(_unique("restart"))
+    with through.client(upload_chunk_size=40_000) as client:
+        relay.fail_next(1, 500, path_contains="/blobs/uploads/", method="PATCH")
+        client.put_blob(ref, digest, data)
+        assert [(r.method, r.status) for r in _api_records(relay)] == [
+            ("HEAD", 404), ("POST", 202), ("PATCH", 500),
+            ("POST", 202), ("PATCH", 202), ("PATCH", 202), ("PATCH", 202), ("PUT", 201)]
+        assert client.get_blob(ref, digest) == data
+        relay.fail_next(10, 503, path_contains="/blobs/uploads/", method="POST")
+        other = os.urandom(1000)
+        with pytest.raises(RegistryError) as caught:
+            client.put_blob(ref, sha256_digest(other), other)
+    assert "upload of blob" in str(caught.value) and "failed after 3 attempt(s)" in str(caught.value)
+
+
 def test_retries_stop_at_the_total_time_bound(registry: RunningRegistry, fault_relay: Relays) -> None:
     relay = fault_relay(registry)
     through = _relayed(registry, relay)

@@ -578,16 +578,22 @@ class RelayRecord:
 class FaultRelay:
     """An HTTP front for a real plain-HTTP registry that misbehaves on request:
     `ignore_range` (forward without the Range header: the registry answers 200 with
-    the whole blob), `fail_next(n, status)` (answer the next n requests whose path
-    contains `fail_path` with `status` instead of forwarding), `redirect_blobs_to`
-    (answer blob GET/HEAD with 307 to a BlobHost once the registry has accepted them)."""
+    the whole blob), `fail_next(n, status, path_contains, method)` (answer the next n
+    matching requests with `status` instead of forwarding), `cut_next(n, after_bytes)`
+    (hang up on the next n GET answers after that many body bytes, the full length
+    announced), `redirect_blobs_to` (answer blob GET/HEAD with 307 to a BlobHost once
+    the registry has accepted them)."""
 
     upstream: str
     ignore_range: bool = False
-    fail_path: str = ""
     redirect_blobs_to: "BlobHost | None" = None
     _failures_left: int = field(default=0, init=False)
     _fail_status: int = field(default=503, init=False)
+    _fail_path: str = field(default="", init=False)
+    _fail_method: str | None = field(default=None, init=False)
+    _cuts_left: int = field(default=0, init=False)
+    _cut_after: int = field(default=0, init=False)
+    _in_flight: int = field(default=0, init=False)
     _records: list[RelayRecord] = field(default_factory=list, init=False)
     _changed: threading.Condition = field(default_factory=threading.Condition, init=False)
     _server: ThreadingHTTPServer | None = field(default=None, init=False)
@@ -597,12 +603,20 @@ class FaultRelay:
         assert self._server is not None
         return f"127.0.0.1:{self._server.server_address[1]}"
 
-    def fail_next(self, count: int, status: int = 503, path_contains: str = "") -> None:
+    def fail_next(self, count: int, status: int = 503, path_contains: str = "", method: str | None = None) -> None:
         with self._changed:
-            self._failures_left, self._fail_status, self.fail_path = count, status, path_contains
+            self._failures_left, self._fail_status = count, status
+            self._fail_path, self._fail_method = path_contains, method
 
-    def records(self) -> list[RelayRecord]:
+    def cut_next(self, count: int, after_bytes: int) -> None:
         with self._changed:
+            self._cuts_left, self._cut_after = count, after_bytes
+
+    def records(self, timeout: float = 30.0) -> list[RelayRecord]:
+        """Every finished request, once none is in flight: the relay logs a request after
+        its last byte is sent, which can be after the client has already moved on."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._in_flight == 0, timeout)
             return list(self._records)
 
     def wait_for_records(self, count: int, timeout: float = 30.0) -> list[RelayRecord]:
@@ -624,16 +638,28 @@ class FaultRelay:
             self._server.server_close()
             self._server = None
 
-    def _take_failure(self, path: str) -> int | None:
+    def _take_failure(self, method: str, path: str) -> int | None:
         with self._changed:
-            if self._failures_left > 0 and self.fail_path in path:
+            if self._failures_left > 0 and self._fail_path in path and self._fail_method in (None, method):
                 self._failures_left -= 1
                 return self._fail_status
             return None
 
+    def _take_cut(self, method: str) -> int | None:
+        with self._changed:
+            if self._cuts_left > 0 and method == "GET":
+                self._cuts_left -= 1
+                return self._cut_after
+            return None
+
+    def _begin(self) -> None:
+        with self._changed:
+            self._in_flight += 1
+
     def _record(self, record: RelayRecord) -> None:
         with self._changed:
             self._records.append(record)
+            self._in_flight -= 1
             self._changed.notify_all()
 
 
@@ -650,8 +676,9 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _relay(self) -> None:
+            relay._begin()
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            failure = relay._take_failure(self.path)
+            failure = relay._take_failure(self.command, self.path)
             if failure is not None:
                 self._answer(failure, b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}')
                 return
@@ -664,6 +691,11 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
             try:
                 upstream.request(self.command, self.path, body=body or None, headers=headers)
                 response = upstream.getresponse()
+            except OSError as exc:
+                upstream.close()
+                self._answer(502, json.dumps({"errors": [{"code": "RELAY", "message": str(exc)}]}).encode())
+                return
+            try:
                 self._pass_on(response, range_header)
             finally:
                 upstream.close()
@@ -688,9 +720,15 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
             self.end_headers()
             sent, completed = 0, True
+            cut_after = relay._take_cut(self.command) if response.status in (200, 206) else None
             if self.command != "HEAD":
                 try:
                     while piece := response.read(64 * 1024):
+                        if cut_after is not None and sent + len(piece) > cut_after:
+                            self.wfile.write(piece[: cut_after - sent])
+                            sent, completed = cut_after, False
+                            self.close_connection = True
+                            break
                         self.wfile.write(piece)
                         sent += len(piece)
                 except (BrokenPipeError, ConnectionResetError):
