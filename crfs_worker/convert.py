@@ -326,7 +326,11 @@ class _Conversion:
         out_path = Path(name)
         try:
             with open(fd, "wb") as out, BlobStream(self._src, desc["digest"], desc["size"]) as blob:
-                result = write_estargz(_Counting(blob, task), out, self._options.estargz, what)
+                try:
+                    result = write_estargz(_Counting(blob, task), out, self._options.estargz, what)
+                except FormatError:
+                    blob.finish()  # a blob that fails its digest explains a broken tar better
+                    raise
                 blob.finish()  # the source's digest is checked only once all of it is read
             self._dst.put_blob(result.blob_digest, out_path)
         finally:

@@ -30,8 +30,8 @@ from crfs_worker.estargz_writer import (
 from crfs_worker.layer import Layer, LayerSource
 from tests.support.images import (
     CHUNK,
-    ExpectedEntry,
     TestLayer,
+    check_layer_view,
     compress,
     read_tar_entries,
     standard_layers,
@@ -220,30 +220,6 @@ def test_contents_read_back_identical(layers: dict[str, TestLayer], tmp_path: Pa
     with open_layer(out, result, tmp_path / "index") as view:
         assert view.format == "estargz"
         check_layer_view(view, layer.entries)
-
-
-def check_layer_view(view: Layer, entries: dict[str, ExpectedEntry]) -> None:
-    import stat
-
-    kinds = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK,
-             "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
-    for path, expected in entries.items():
-        info = view.stat(path)
-        if expected.type == "hardlink":
-            assert info.ino == view.stat(expected.link).ino, path
-            continue
-        assert stat.S_IFMT(info.mode) == kinds[expected.type], path
-        assert stat.S_IMODE(info.mode) == expected.mode, path
-        assert (info.uid, info.gid) == (expected.uid, expected.gid), path
-        assert info.mtime_ns == expected.mtime * 10**9, path
-        if expected.type == "reg":
-            assert info.size == len(expected.data), path
-            assert view.read(path, 0, len(expected.data) + 1) == expected.data, path
-        if expected.type == "symlink":
-            assert view.readlink(path) == expected.link, path
-        if expected.type in ("char", "block"):
-            assert (info.rdev_major, info.rdev_minor) == (expected.devmajor, expected.devminor)
-        assert {n: view.getxattr(path, n) for n in view.listxattr(path)} == dict(expected.xattrs)
 
 
 def test_same_blob_from_gzip_zstd_and_plain_input_and_any_worker_count(

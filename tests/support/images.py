@@ -22,7 +22,8 @@ each platform's third layer differs (arm64 gets a small `etc/arch` layer).
 
 `ExpectedEntry` paths are normalised (no `./`, no trailing `/`, the root is "").
 `read_tar_entries(file)` turns any tar (plain, gzip, zstd; eStargz included, its
-TOC and landmarks left out) into the same form, for comparing a converted layer.
+TOC and landmarks left out) into the same form, for comparing a converted layer;
+`check_layer_view(layer, entries)` asserts what crfs' Layer view shows.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import hashlib
 import io
 import json
 import random
+import stat
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from crfs_worker.estargz_writer import (
     open_tar_stream,
 )
 from crfs_worker.imagestore import RegistryStore
+from crfs_worker.layer import Layer
 from crfs_worker.oci_layout import OciLayout
 from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
@@ -265,14 +268,15 @@ def build_test_image(directory: Path, *, compression: str = "gzip", flavour: str
     zstd). Several platforms make an index (docker: a manifest list)."""
     if (flavour, compression) not in LAYER_MEDIA_TYPES:
         raise ValueError(f"no {flavour} media type for {compression} layers")
-    layers = layers or standard_layers(directory.parent / f"{directory.name}-tars")
+    tars = directory.parent / f"{directory.name}-tars"
+    tars.mkdir(parents=True, exist_ok=True)
+    layers = layers or standard_layers(tars)
     layout = OciLayout(directory, create=True)
     images = []
     for platform in platforms:
         arch = platform.split("/")[1]
         platform_layers = layers if platform == platforms[0] else [
-            *layers[:2], _make_layer(directory.parent / f"{directory.name}-tars", f"arch-{arch}",
-                                     arch_layer_entries(arch))]
+            *layers[:2], _make_layer(tars, f"arch-{arch}", arch_layer_entries(arch))]
         images.append(_write_image(layout, platform, platform_layers, compression, flavour))
     if len(platforms) == 1:
         manifest_type = DOCKER_MANIFEST if flavour == "docker" else OCI_MANIFEST
@@ -395,6 +399,29 @@ def _expected_from(info: tarfile.TarInfo, tar: tarfile.TarFile) -> ExpectedEntry
                          mtime=int(info.mtime), data=data, link=link, xattrs=xattrs,
                          devmajor=info.devmajor if kind in ("char", "block") else 0,
                          devminor=info.devminor if kind in ("char", "block") else 0)
+
+
+def check_layer_view(view: Layer, entries: Mapping[str, ExpectedEntry]) -> None:
+    """Asserts that crfs' Layer view shows exactly these entries' metadata and bytes."""
+    kinds = {"reg": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK,
+             "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+    for path, expected in entries.items():
+        info = view.stat(path)
+        if expected.type == "hardlink":
+            assert info.ino == view.stat(expected.link).ino, path
+            continue
+        assert stat.S_IFMT(info.mode) == kinds[expected.type], path
+        assert stat.S_IMODE(info.mode) == expected.mode, path
+        assert (info.uid, info.gid) == (expected.uid, expected.gid), path
+        assert info.mtime_ns == expected.mtime * 10**9, path
+        if expected.type == "reg":
+            assert info.size == len(expected.data), path
+            assert view.read(path, 0, len(expected.data) + 1) == expected.data, path
+        if expected.type == "symlink":
+            assert view.readlink(path) == expected.link, path
+        if expected.type in ("char", "block"):
+            assert (info.rdev_major, info.rdev_minor) == (expected.devmajor, expected.devminor)
+        assert {n: view.getxattr(path, n) for n in view.listxattr(path)} == dict(expected.xattrs)
 
 
 # --- helpers -----------------------------------------------------------------
