@@ -200,7 +200,7 @@ def _move_with_dependencies(name: str, source: dict[str, tarfile.TarInfo],
 def _landmark(name: str) -> _InputEntry:
     info = tarfile.TarInfo(name)
     info.size = len(LANDMARK_CONTENTS)
-    info.mode = 0o644
+    info.mode = 0  # as the reference writer: landmarks are markers, not files to use
     return _InputEntry(info, io.BytesIO(LANDMARK_CONTENTS).read)
 
 
