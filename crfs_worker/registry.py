@@ -812,10 +812,18 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise RegistryError(f"registry {host}: {_describe(exc)}") from None
         try:
-            self._http.get(f"http://{host}/v2/").close()
-            return "http"
+            response = self._http.get(f"http://{host}/v2/")
         except httpx.HTTPError as exc:
             raise _Transient(f"https: {https_failure}; http: {_describe(exc)}") from None
+        # Only a registry's own answers count: a TLS server rejecting plain http (Go
+        # answers 400) must not turn a TLS failure (say, a missing client
+        # certificate) into a plain-http conversation.
+        if response.status_code in (200, 401):
+            return "http"
+        failure = f"https: {https_failure}; http: /v2/ answered HTTP {response.status_code}"
+        if response.status_code in RETRY_STATUSES:
+            raise _Transient(failure)
+        raise RegistryError(f"registry {host}: cannot connect ({failure})")
 
 
 # ---- helpers on responses ----

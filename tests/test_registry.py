@@ -46,6 +46,7 @@ from tests.support.registry import (
     free_port,
     sha256_digest,
     start_plain_registry,
+    start_tls_registry,
     write_auth_file,
 )
 
@@ -466,6 +467,29 @@ def test_tls_registry_without_or_with_wrong_credentials(tls_registry: RunningReg
     with tls_registry.client(credentials=CredentialStore(files=(wrong,))) as client:
         with pytest.raises(AuthError, match="refused the credentials of user 'crfs'"):
             client.get_manifest(tls_registry.ref("x", "v1"))
+
+
+def test_client_certificate_from_certs_d(tmp_path: Path) -> None:
+    mtls = start_tls_registry(tmp_path / "mtls", require_client_cert=True)
+    try:
+        image = mtls.push_image(_unique("mtls"), "v1", [b"needs a client certificate"])
+        with mtls.client() as client:
+            assert client.get_manifest(image.ref).digest == image.manifest_digest
+        # The same CA but no client certificate: the handshake fails, and the loopback
+        # plain-http fallback must not be taken (the TLS server answers http with 400).
+        ca_only = tmp_path / "ca-only" / mtls.host
+        ca_only.mkdir(parents=True)
+        (ca_only / "ca.crt").write_bytes((mtls.workdir / "ca.crt").read_bytes())
+        with mtls.client(certs_dirs=(tmp_path / "ca-only",)) as client:
+            with pytest.raises(RegistryError) as caught:
+                client.get_manifest(image.ref)
+        assert mtls.host in str(caught.value) and "HTTP 400" in str(caught.value)
+        (ca_only / "client.cert").write_bytes((mtls.workdir / "client.cert").read_bytes())
+        with mtls.client(certs_dirs=(tmp_path / "ca-only",)) as client:
+            with pytest.raises(RegistryError, match="without its key"):
+                client.get_manifest(image.ref)
+    finally:
+        mtls.stop()
 
 
 # ---- token auth ----

@@ -137,6 +137,7 @@ class RegistryProcess:
     config: dict[str, Any]
     scheme: str = "http"
     ca_file: Path | None = None
+    client_cert: tuple[Path, Path] | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -176,7 +177,11 @@ class RegistryProcess:
         self.start()
 
     def _wait_until_answering(self) -> None:
-        verify: Any = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
+        verify: Any = True
+        if self.ca_file:
+            verify = ssl.create_default_context(cafile=str(self.ca_file))
+            if self.client_cert:
+                verify.load_cert_chain(str(self.client_cert[0]), str(self.client_cert[1]))
         deadline = time.monotonic() + 30
         url = f"{self.scheme}://{self.netloc}/v2/"
         with httpx.Client(verify=verify, timeout=2.0, trust_env=False) as probe:
@@ -204,6 +209,7 @@ def registry_config(port: int, root: Path) -> dict[str, Any]:
         "storage": {
             "filesystem": {"rootdirectory": str(root)},
             "delete": {"enabled": True},
+            "cache": {"blobdescriptor": "inmemory"},
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {"addr": f"127.0.0.1:{port}", "secret": "crfs-test-secret"},
@@ -262,7 +268,7 @@ class TokenServer:
     def start(self) -> None:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _token_handler(self))
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._server = server
 
     def stop(self) -> None:
@@ -493,13 +499,21 @@ def write_auth_file(path: Path, entries: dict[str, tuple[str, str]]) -> Path:
     return path
 
 
-def start_tls_registry(workdir: Path, username: str = "crfs", password: str = "s3cret-pass") -> RunningRegistry:
-    """HTTPS with a private CA and htpasswd (bcrypt) Basic auth."""
+def start_tls_registry(
+    workdir: Path,
+    username: str = "crfs",
+    password: str = "s3cret-pass",
+    require_client_cert: bool = False,
+) -> RunningRegistry:
+    """HTTPS with a private CA and htpasswd (bcrypt) Basic auth. With
+    `require_client_cert`, the registry also demands a client certificate signed by
+    that CA; the client config then carries one in certs.d (client.cert/client.key)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ca = make_ca()
     server = make_server_cert(ca)
     ca.write(workdir / "ca.crt")
     server.write(workdir / "server.crt", workdir / "server.key")
+    client_cert = make_server_cert(ca, hosts=("crfs-test-client",))
     htpasswd = subprocess.run(
         ["htpasswd", "-Bbn", username, password], check=True, capture_output=True, text=True
     ).stdout
@@ -508,13 +522,22 @@ def start_tls_registry(workdir: Path, username: str = "crfs", password: str = "s
     def make(port: int) -> RegistryProcess:
         config = registry_config(port, workdir / "storage")
         config["http"]["tls"] = {"certificate": str(workdir / "server.crt"), "key": str(workdir / "server.key")}
+        if require_client_cert:
+            config["http"]["tls"]["clientcas"] = [str(workdir / "ca.crt")]
         config["auth"] = {"htpasswd": {"realm": "crfs-test", "path": str(workdir / "htpasswd")}}
-        return RegistryProcess(workdir, port, config, scheme="https", ca_file=workdir / "ca.crt")
+        return RegistryProcess(
+            workdir, port, config, scheme="https", ca_file=workdir / "ca.crt",
+            client_cert=(workdir / "client.cert", workdir / "client.key") if require_client_cert else None,
+        )
 
+    client_cert.write(workdir / "client.cert", workdir / "client.key")
     process = _start(workdir, make)
     certs_dir = workdir / "certs.d" / process.netloc
     certs_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(workdir / "ca.crt", certs_dir / "ca.crt")
+    if require_client_cert:
+        shutil.copy(workdir / "client.cert", certs_dir / "client.cert")
+        shutil.copy(workdir / "client.key", certs_dir / "client.key")
     auth_file = write_auth_file(workdir / "auth.json", {process.netloc: (username, password)})
     config = RegistryConfig(
         credentials=CredentialStore(files=(auth_file,)),
@@ -628,7 +651,7 @@ class FaultRelay:
     def start(self) -> "FaultRelay":
         server = ThreadingHTTPServer(("127.0.0.1", 0), _relay_handler(self))
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._server = server
         return self
 
@@ -768,7 +791,7 @@ class BlobHost:
     def start(self) -> "BlobHost":
         server = ThreadingHTTPServer(("127.0.0.1", 0), _blob_host_handler(self))
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._server = server
         return self
 
