@@ -117,6 +117,9 @@ class ViewOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from exc
         except (OSError, KeyError) as exc:
             raise pyfuse3.FUSEError(_errno_of(exc)) from exc
+        except Exception as exc:  # an escaping exception would end the whole view
+            log.exception("view: %s failed", getattr(fn, "__name__", fn))
+            raise pyfuse3.FUSEError(errno.EIO) from exc
 
     def _node(self, inode: int) -> _Node:
         node = self._nodes.get(inode)
@@ -281,7 +284,7 @@ def unmount_stale(mountpoint: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise
     subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -297,6 +300,11 @@ class FileView:
     _token: trio.lowlevel.TrioToken | None = field(default=None, init=False, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _error: BaseException | None = field(default=None, init=False, repr=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and not self._stopped.is_set()
 
     def mount(self, timeout: float = 30.0) -> None:
         unmount_stale(self.mountpoint)
@@ -315,13 +323,15 @@ class FileView:
         except Exception as exc:  # reported by mount()
             self._error = exc
             self._ready.set()
+            self._stopped.set()
             return
         try:
             trio.run(self._main)
-        except Exception:
+        except BaseException:
             log.exception("the layer view stopped")
         finally:
             pyfuse3.close(unmount=True)
+            self._stopped.set()
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()

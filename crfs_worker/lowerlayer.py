@@ -13,6 +13,7 @@ fuse-overlayfs understands as they are.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -190,20 +191,32 @@ class ChunkCache:
 LayerOpener = Callable[[LayerRecord, BlobReader, Path], LayerLike]
 
 
-def open_record_blob(record: LayerRecord) -> BlobReader:
-    """The blob a layer record points at."""
-    if record.kind == "file":
-        try:
-            return LocalBlob(Path(record.location))
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"layer blob {record.location} does not exist") from exc
-    from .reference import parse_reference  # the registry stack loads only when needed
-    from .registry import RegistryClient
+@dataclass
+class RecordBlobOpener:
+    """Opens the blob a layer record points at; registry blobs share one client."""
 
-    if record.digest is None or record.size is None:
-        raise FormatError(f"{record.location}: registry layer without digest or size")
-    client = RegistryClient()
-    return client.blob(parse_reference(record.location), record.digest, record.size)
+    _client: Any = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __call__(self, record: LayerRecord) -> BlobReader:
+        if record.kind == "file":
+            try:
+                return LocalBlob(Path(record.location))
+            except FileNotFoundError as exc:
+                raise NotFoundError(f"layer blob {record.location} does not exist") from exc
+        if record.digest is None or record.size is None:
+            raise FormatError(f"{record.location}: registry layer without digest or size")
+        from .reference import ImageReference  # the registry stack loads only when needed
+
+        return self._registry().blob(ImageReference.parse(record.location), record.digest, record.size)
+
+    def _registry(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from .registry import RegistryClient
+
+                self._client = RegistryClient()
+            return self._client
 
 
 def open_layer(record: LayerRecord, blob: BlobReader, index_dir: Path) -> LayerLike:
@@ -220,7 +233,7 @@ class LayerTable:
     keys: KeyStore
     index_dir: Path
     opener: LayerOpener = open_layer
-    blob_opener: Callable[[LayerRecord], BlobReader] = open_record_blob
+    blob_opener: Callable[[LayerRecord], BlobReader] = field(default_factory=RecordBlobOpener)
     chunk_cache: ChunkCache = field(default_factory=ChunkCache)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -467,8 +480,30 @@ class LowerLayerService:
             fd = self._cached_fd(live, path, st)
             if fd is not None:
                 return {}, fd
+        if (stat.S_ISCHR(st.mode) or stat.S_ISBLK(st.mode) or stat.S_ISSOCK(st.mode)) and not flags & os.O_PATH:
+            return {}, self._placeholder_fd(live, path)
+        if stat.S_ISFIFO(st.mode):
+            flags |= os.O_NONBLOCK  # a FIFO open without a writer would block this thread for ever
         # Opening on the view fetches nothing; the kernel's reads fetch chunks.
         return {}, self.view.open(live.num, parts, flags)
+
+    def _placeholder_fd(self, live: LiveLayer, path: str) -> int:
+        """An empty, sealed stand-in for a device node or socket. fuse-overlayfs opens one
+        only to copy it up (it reads st_size bytes, i.e. none, and the xattrs); the view
+        is mounted nodev, and opening a device must never reach a real device anyway."""
+        fd = os.memfd_create("crfs-special", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            for name in self.table.listxattr(live.num, path):
+                try:
+                    os.setxattr(fd, name, self.table.getxattr(live.num, path, name))
+                except OSError as exc:  # e.g. trusted.* without CAP_SYS_ADMIN: best effort
+                    log.info("%s: xattr %s not kept on the device stand-in: %s", path, name, exc)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        finally:
+            os.close(fd)
+        return read_only
 
     def _wants_cache(self, live: LiveLayer, path: str, st: EntryStatLike, flags: int) -> bool:
         if not stat.S_ISREG(st.mode) or st.size > self.small_file_limit:

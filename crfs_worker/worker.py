@@ -97,7 +97,7 @@ def run(config: WorkerConfig) -> int:
         server.start()
         log.info("worker %d serving %s", os.getpid(), server.path)
         try:
-            _wait(server, stop, config.idle_timeout)
+            _wait(server, view, stop, config.idle_timeout)
         finally:
             server.stop()
     except CrfsError as exc:
@@ -110,9 +110,13 @@ def run(config: WorkerConfig) -> int:
     return 0
 
 
-def _wait(server: IpcServer, stop: threading.Event, idle_timeout: float) -> None:
+def _wait(server: IpcServer, view: FileView, stop: threading.Event, idle_timeout: float) -> None:
     idle_since = time.monotonic()
     while not stop.wait(1.0):
+        if not view.alive:
+            # Without the view no fd can be served: exit, so that the next client starts a new worker.
+            log.error("the layer view is gone: exiting")
+            return
         if server.client_count:
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since >= idle_timeout:

@@ -304,6 +304,20 @@ reply_bytes (const struct reply *r, const char *key, const char **ptr, uint32_t 
   return false;
 }
 
+/* Load-time failures go to stderr (fuse-overlayfs' caller sees it), with the worker's
+ * own explanation when it gave one. */
+static void
+report_failure (const char *what, const char *subject, const struct reply *r, int err)
+{
+  const char *msg = NULL;
+  uint32_t len = 0;
+
+  if (r != NULL && r->map != NULL && reply_bytes (r, "msg", &msg, &len) && len > 0)
+    fprintf (stderr, "crfs: %s %s: %.*s\n", what, subject, (int) len, msg);
+  else
+    fprintf (stderr, "crfs: %s %s: %s\n", what, subject, strerror (err));
+}
+
 /* ---- Transport ---- */
 
 static int
@@ -795,6 +809,14 @@ root_fd_locked (uint64_t num, int *fd_out, dev_t *dev_out)
   ret = exchange (&q, &r);
   if (ret == 0)
     ret = reply_status (&r);
+  if (ret < 0 && r.map != NULL)
+    {
+      int saved = errno;
+      char subject[32];
+      snprintf (subject, sizeof (subject), "%llu", (unsigned long long) num);
+      report_failure ("cannot open the root of layer", subject, &r, saved);
+      errno = saved;
+    }
   if (ret == 0 && r.fd < 0)
     {
       errno = EPROTO;
@@ -876,7 +898,7 @@ key_layers (const char *key, uint64_t *nums, size_t max)
   if (ret < 0)
     {
       int saved = errno;
-      fprintf (stderr, "crfs: cannot resolve key %s: %s\n", key, strerror (saved));
+      report_failure ("cannot resolve key", key, &r, saved);
       reply_free (&r);
       errno = saved;
       return -1;

@@ -327,22 +327,30 @@ def test_openat_small_file_reads_verified_bytes_from_the_cache(plugin: LoadedPlu
 
 
 def test_openat_large_file_fetches_one_chunk_for_the_first_byte(plugin: LoadedPlugin, plugin_session: PluginSession) -> None:
-    base = plugin.layers[2]
+    key = plugin_session.fresh_key("abi-big", layers=(0,)).encode()
+    assert plugin.ds.num_of_layers(key, b"/") == 1
+    base = plugin.ffi.new("struct ovl_layer *")
+    base.fd = -1
+    assert plugin.ds.load_data_source(base, key, b"/", 0) == 0
     num = os.fstat(base.fd).st_ino >> INO_BITS
-    before = layer_stats(plugin_session)[num]
-    fd = plugin.openat(base, "data/big.bin", os.O_RDONLY | os.O_CLOEXEC)
-    assert fd >= 0
     try:
-        opened = layer_stats(plugin_session)[num]
-        assert opened["requests"] == before["requests"]  # opening fetched nothing
-        assert os.pread(fd, 1, 0) == plugin_session.image.big_bytes[:1]
-        first = layer_stats(plugin_session)[num]
-        assert first["requests"] - before["requests"] == 1  # one chunk
-        assert first["fetched"] - before["fetched"] < 2 << 20  # of a 3 MiB file in 1 MiB chunks
-        data = os.pread(fd, len(plugin_session.image.big_bytes) + 10, 0)
-        assert data == plugin_session.image.big_bytes
+        before = layer_stats(plugin_session)[num]
+        fd = plugin.openat(base, "data/big.bin", os.O_RDONLY | os.O_CLOEXEC)
+        assert fd >= 0
+        try:
+            opened = layer_stats(plugin_session)[num]
+            assert opened["requests"] == before["requests"]  # opening fetched nothing
+            assert os.pread(fd, 1, 0) == plugin_session.image.big_bytes[:1]
+            first = layer_stats(plugin_session)[num]
+            assert first["requests"] - before["requests"] == 1  # one chunk
+            assert first["fetched"] - before["fetched"] < 2 << 20  # of a 3 MiB file in 1 MiB chunks
+            data = os.pread(fd, len(plugin_session.image.big_bytes) + 10, 0)
+            assert data == plugin_session.image.big_bytes
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        assert plugin.ds.cleanup(base) == 0
+        os.close(base.fd)
 
 
 def test_lookup_opens_fetch_nothing_and_show_xattrs(plugin: LoadedPlugin, plugin_session: PluginSession) -> None:
@@ -372,7 +380,7 @@ def test_directory_fds_carry_the_layer_metadata(plugin: LoadedPlugin, plugin_ses
     st = os.fstat(fd)
     os.close(fd)
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (0o700, 1000, 1000, 1_700_000_000)
-    fd = plugin.openat(base, "var/lib", os.O_RDONLY | os.O_DIRECTORY)
+    fd = plugin.openat(base, "rename-me", os.O_RDONLY | os.O_DIRECTORY)
     assert os.getxattr(fd, "user.dirattr") == b"on-a-dir"
     os.close(fd)
 

@@ -38,6 +38,19 @@ class PluginSession:
     def socket(self) -> Path:
         return self.runtime / "worker.sock"
 
+    def fresh_key(self, name: str, layers: tuple[int, ...] = (0, 1, 2)) -> str:
+        """A key for copies of some layers (lowest first) under new paths: new layer
+        numbers, so cold caches and counters of their own."""
+        copies = self.runtime.parent / f"{self.runtime.name}-copies" / name
+        copies.mkdir(parents=True, exist_ok=False)
+        records = []
+        for index in layers:
+            layer = self.image.layers[index]
+            copy = copies / layer.blob.name
+            shutil.copyfile(layer.blob, copy)
+            records.append(LayerRecord("file", str(copy), toc_digest=layer.toc_digest))
+        return KeyStore(self.runtime).register(f"fresh:{copies}", records)
+
     def client(self) -> WorkerClient:
         return WorkerClient(self.socket).connect()
 
@@ -65,6 +78,7 @@ class PluginSession:
             subprocess.run(["fusermount3", "-u", "-z", str(view)], check=False)
 
     def cleanup(self) -> None:
+        shutil.rmtree(self.runtime.parent / f"{self.runtime.name}-copies", ignore_errors=True)
         shutil.rmtree(self.runtime, ignore_errors=True)
         shutil.rmtree(self.cache, ignore_errors=True)
 
