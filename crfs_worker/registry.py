@@ -63,11 +63,19 @@ MAX_ERROR_BODY = 64 * 1024
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
 USER_AGENT = "crfs/0.1"
 
-DEFAULT_CERTS_DIRS = (
-    Path("/etc/containers/certs.d"),
-    Path("~/.config/containers/certs.d"),
-    Path("/etc/docker/certs.d"),
-)
+
+
+def default_certs_dirs(home: Path) -> tuple[Path, ...]:
+    """Where containers/image looks for `HOST[:PORT]/` TLS directories, in its order."""
+    return (
+        Path("/etc/containers/certs.d"),
+        home / ".config" / "containers" / "certs.d",
+        Path("/etc/docker/certs.d"),
+    )
+
+
+class BlobSourceError(CrfsError):
+    """The local file of a blob to push could not be read whole."""
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,10 @@ class RegistryConfig:
     ) -> "RegistryConfig":
         env = os.environ if env is None else env
         home = Path(env.get("HOME", "~")).expanduser() if home is None else home
-        certs = tuple(
-            home / p.relative_to("~") if str(p).startswith("~") else p for p in DEFAULT_CERTS_DIRS
-        )
         return cls(
             registries=RegistriesConf.from_environment(env, home),
             credentials=CredentialStore.from_environment(env, home),
-            certs_dirs=certs,
+            certs_dirs=default_certs_dirs(home),
         )
 
 
@@ -192,7 +197,7 @@ class _HostTransports(httpx.BaseTransport):
     def __init__(self, certs_dirs: tuple[Path, ...]) -> None:
         self._certs_dirs = certs_dirs
         self._insecure: set[str] = set()
-        self._transports: dict[tuple[str, str], httpx.HTTPTransport] = {}
+        self._transports: dict[tuple[str, str, bool], httpx.HTTPTransport] = {}
         self._lock = threading.Lock()
 
     def trust_insecurely(self, netloc: str) -> None:
@@ -210,13 +215,12 @@ class _HostTransports(httpx.BaseTransport):
 
     def _transport_for(self, url: httpx.URL) -> httpx.HTTPTransport:
         netloc = url.netloc.decode("ascii")
-        key = (url.scheme, netloc if url.scheme == "https" else "")
         with self._lock:
+            # Keyed by the insecure mark too: marking a host later takes effect.
+            key = (url.scheme, netloc, netloc in self._insecure) if url.scheme == "https" else ("http", "", False)
             transport = self._transports.get(key)
             if transport is None:
-                verify: ssl.SSLContext | bool = (
-                    self._ssl_context(netloc, netloc in self._insecure) if url.scheme == "https" else True
-                )
+                verify: ssl.SSLContext | bool = self._ssl_context(netloc, key[2]) if url.scheme == "https" else True
                 transport = httpx.HTTPTransport(verify=verify, retries=0)
                 self._transports[key] = transport
             return transport
@@ -251,7 +255,8 @@ def _load_certs_dir(context: ssl.SSLContext, directory: Path) -> None:
 @dataclass
 class RegistryBlob:
     """A `BlobReader` over one registry blob: each read is one ranged GET. The first
-    source (mirror or primary) that answers is kept for later reads."""
+    source (mirror or primary) that answers is kept for later reads; if that mirror
+    fails later, the sources are tried in order again."""
 
     client: "RegistryClient"
     ref: ImageReference
@@ -269,7 +274,11 @@ class RegistryBlob:
             return b""
         source = self._source
         if source is not None:
-            return self.client._read_range_from(source, self.digest, offset, length)
+            try:
+                return self.client._read_range_from(source, self.digest, offset, length)
+            except RegistryError:
+                if not source.mirror:
+                    raise
         data, self._source = self.client._read_range_any(self.ref, self.digest, offset, length)
         return data
 
@@ -329,7 +338,7 @@ class RegistryClient:
             what,
             headers={"Content-Type": media_type},
             content=data,
-            accept={201},
+            accept={200, 201, 202},
             handle=lambda response: None,
         )
         return digest
@@ -945,7 +954,7 @@ def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError as exc:
-        raise CrfsError(f"{path}: cannot read the blob to push: {exc}") from None
+        raise BlobSourceError(f"{path}: cannot read the blob to push: {exc}") from None
 
 
 def _read_file_exactly(path: Path, size: int) -> bytes:
@@ -953,9 +962,9 @@ def _read_file_exactly(path: Path, size: int) -> bytes:
         with path.open("rb") as handle:
             data = handle.read(size + 1)
     except OSError as exc:
-        raise CrfsError(f"{path}: cannot read the blob to push: {exc}") from None
+        raise BlobSourceError(f"{path}: cannot read the blob to push: {exc}") from None
     if len(data) != size:
-        raise CrfsError(f"{path}: changed size while being pushed")
+        raise BlobSourceError(f"{path}: changed size while being pushed")
     return data
 
 
@@ -970,8 +979,8 @@ def _chunks(source: Path | bytes, size: int, chunk_size: int) -> Iterator[tuple[
             while offset < size:
                 chunk = handle.read(min(chunk_size, size - offset))
                 if not chunk:
-                    raise CrfsError(f"{source}: changed size while being pushed")
+                    raise BlobSourceError(f"{source}: changed size while being pushed")
                 yield offset, chunk
                 offset += len(chunk)
     except OSError as exc:
-        raise CrfsError(f"{source}: cannot read the blob to push: {exc}") from None
+        raise BlobSourceError(f"{source}: cannot read the blob to push: {exc}") from None

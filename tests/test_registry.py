@@ -32,6 +32,7 @@ from crfs_worker.registry import (
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
+    BlobSourceError,
     RegistryClient,
     RegistryConfig,
     RetryPolicy,
@@ -316,6 +317,13 @@ def test_upload_refuses_content_that_does_not_match(registry: RunningRegistry, t
             client.put_blob(ref, sha256_digest(b"other"), path)
         assert str(path) in str(caught.value)
         assert client.blob_size(ref, sha256_digest(b"other")) is None
+
+
+def test_unreadable_upload_source_is_named(registry: RunningRegistry, tmp_path: Path) -> None:
+    with registry.client() as client:
+        with pytest.raises(BlobSourceError) as caught:
+            client.put_blob(registry.ref(_unique("gone")), sha256_digest(b"x"), tmp_path / "missing")
+    assert str(tmp_path / "missing") in str(caught.value)
 
 
 def test_cross_repository_mount(registry: RunningRegistry, fault_relay: Relays) -> None:
@@ -732,6 +740,23 @@ def test_mirror_first_then_primary(registry: RunningRegistry, mirror_registry: R
         with pytest.raises(NotFoundError) as caught:
             client.get_manifest(primary.ref(f"lib/{name}", "v3"))
     assert "mirrors tried first" in str(caught.value) and mirror_registry.host in str(caught.value)
+
+
+def test_blob_leaves_a_mirror_that_goes_away(registry: RunningRegistry, tmp_path: Path) -> None:
+    mirror = start_plain_registry(tmp_path / "short-lived-mirror")
+    try:
+        name = _unique("app")
+        data = os.urandom(5000)
+        digest = mirror.push_blob(f"cache/lib/{name}", data)
+        assert registry.push_blob(f"lib/{name}", data) == digest
+        conf = _mirror_conf(registry, f"{mirror.host}/cache/lib")
+        with registry.client(registries=conf) as client:
+            blob = client.blob(registry.ref(f"lib/{name}", "v1"), digest, len(data))
+            assert blob.read_range(0, 100) == data[:100]
+            mirror.stop()
+            assert blob.read_range(100, 100) == data[100:200]
+    finally:
+        mirror.stop()
 
 
 def test_digest_only_mirror_is_skipped_for_tags(registry: RunningRegistry, mirror_registry: RunningRegistry) -> None:
