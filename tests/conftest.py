@@ -1,7 +1,6 @@
 """Shared pytest fixtures. Each block says who registers it; add yours in your own block."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
