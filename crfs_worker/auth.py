@@ -291,6 +291,7 @@ class Authenticator:
     clock: Callable[[], float] = time.monotonic
     _challenges: dict[str, Challenge] = field(default_factory=dict, init=False)
     _tokens: dict[tuple[str, Scopes], _Token] = field(default_factory=dict, init=False)
+    _basic: dict[tuple[str, str], str] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def authorization(self, registry: str, repository: str, scopes: Scopes) -> str | None:
@@ -300,8 +301,13 @@ class Authenticator:
             if challenge is None:
                 return None
             if challenge.scheme == "basic":
-                found = self.credentials.lookup(registry, repository).credentials
-                return found.basic_header() if found else None
+                # Cached: the credential files are read again only after a 401.
+                if (registry, repository) not in self._basic:
+                    found = self.credentials.lookup(registry, repository).credentials
+                    if found is None:
+                        return None
+                    self._basic[(registry, repository)] = found.basic_header()
+                return self._basic[(registry, repository)]
             token = self._tokens.get((registry, scopes))
             if token is not None and token.valid_until > self.clock():
                 return token.header
@@ -321,7 +327,9 @@ class Authenticator:
             self._challenges[registry] = challenge
             self._tokens.pop((registry, scopes), None)
             if challenge.scheme == "basic":
-                return self._basic_header(registry, repository, sent)
+                header = self._basic_header(registry, repository, sent)
+                self._basic[(registry, repository)] = header
+                return header
             wanted = scopes + tuple(s for s in challenge.scopes if s not in scopes)
             return self._new_token(registry, repository, challenge, scopes, wanted)
 
