@@ -21,7 +21,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import pyfuse3
 import trio
@@ -103,13 +103,28 @@ class ViewOperations(pyfuse3.Operations):
         super().__init__()
         self.source = source
         self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(0, "")}
-        self._handles: dict[int, tuple[_Node, int]] = {}  # fh -> (node, size)
+        self._handles: dict[int, _Node] = {}
         self._listings: dict[int, _Listing] = {}
         self._next_fh = itertools.count(1)
 
     # ---- helpers
 
+    def _meta(self, fn: Callable[..., Any], *args: object) -> Any:
+        """A metadata call, answered in the loop's thread: the index is local, and a
+        thread hop would cost more than the query (fuse-overlayfs asks a lot)."""
+        try:
+            return fn(*args)
+        except CrfsError as exc:
+            log.warning("view: %s", exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except (OSError, KeyError) as exc:
+            raise pyfuse3.FUSEError(_errno_of(exc)) from exc
+        except Exception as exc:  # an escaping exception would end the whole view
+            log.exception("view: %s failed", getattr(fn, "__name__", fn))
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
     async def _call(self, fn: Callable[..., object], *args: object) -> object:
+        """A call that may block on the network: in a worker thread."""
         try:
             return await trio.to_thread.run_sync(fn, *args)
         except CrfsError as exc:
@@ -159,8 +174,7 @@ class ViewOperations(pyfuse3.Operations):
         return attr
 
     async def _node_attrs(self, node: _Node) -> pyfuse3.EntryAttributes:
-        st = await self._call(self.source.stat, node.num, node.path)
-        return self._attrs(node.num, st)  # type: ignore[arg-type]
+        return self._attrs(node.num, self._meta(self.source.stat, node.num, node.path))
 
     # ---- metadata
 
@@ -185,21 +199,19 @@ class ViewOperations(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
-        target = await self._call(self.source.readlink, node.num, node.path)
-        return os.fsencode(target)  # type: ignore[arg-type]
+        return os.fsencode(self._meta(self.source.readlink, node.num, node.path))
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self._node(inode)
         if node.num == 0:
             return []
-        names = await self._call(self.source.listxattr, node.num, node.path)
-        return [os.fsencode(n) for n in names]  # type: ignore[union-attr]
+        return [os.fsencode(n) for n in self._meta(self.source.listxattr, node.num, node.path)]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         if node.num == 0:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return await self._call(self.source.getxattr, node.num, node.path, os.fsdecode(name))  # type: ignore[return-value]
+        return self._meta(self.source.getxattr, node.num, node.path, os.fsdecode(name))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # Inodes stay mapped: numbers are stable and fds on them may outlive the lookup.
@@ -219,10 +231,9 @@ class ViewOperations(pyfuse3.Operations):
         if node.num == 0:
             entries: list[tuple[str, EntryStatLike]] = []
             for num in self.source.layer_numbers():
-                st = await self._call(self.source.stat, num, "")
-                entries.append((str(num), st))  # type: ignore[arg-type]
+                entries.append((str(num), self._meta(self.source.stat, num, "")))
         else:
-            entries = await self._call(self.source.readdir, node.num, node.path)  # type: ignore[assignment]
+            entries = self._meta(self.source.readdir, node.num, node.path)
         listing = _Listing(node, sorted(entries, key=lambda item: item[0]))
         for name, st in listing.entries:
             child = listing.child(name)
@@ -250,20 +261,18 @@ class ViewOperations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
-        st = await self._call(self.source.stat, node.num, node.path)
         fh = next(self._next_fh)
-        self._handles[fh] = (node, st.size)  # type: ignore[union-attr]
+        self._handles[fh] = node
         # Opening fetches nothing: bytes come when the kernel reads them.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles.get(fh)
-        if handle is None:
+        node = self._handles.get(fh)
+        if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        node, file_size = handle
-        if off >= file_size or size <= 0:
+        if size <= 0:
             return b""
-        size = min(size, file_size - off)
+        # Short at the end of the file: the layer clamps to the file size.
         return await self._call(self.source.read, node.num, node.path, off, size)  # type: ignore[return-value]
 
     async def release(self, fh: int) -> None:

@@ -12,6 +12,8 @@ Requests (all idempotent, so a client may resend after reconnecting):
     stat      {layer, path}               -> {st: [ino, mode, nlink, uid, gid, size,
                                                mtime_ns, rdev_major, rdev_minor]}
     exists    {layer, path}               -> {}
+    list      {layer, path}               -> {entries: [[name, ino, ..., rdev_minor,
+                                               [xattr name, ...]], ...]}  (a directory)
     readlink  {layer, path}               -> {target: bin}
     listxattr {layer, path}               -> {names: [bin, ...]}
     getxattr  {layer, path, name}         -> {value: bin}

@@ -403,6 +403,7 @@ class LowerLayerService:
             "root": self._root,
             "stat": self._stat,
             "exists": self._exists,
+            "list": self._list,
             "readlink": self._readlink,
             "listxattr": self._listxattr,
             "getxattr": self._getxattr,
@@ -441,6 +442,16 @@ class LowerLayerService:
         if not self.table.exists(live.num, path):
             raise RequestFailed(errno.ENOENT, f"{path}: not in layer {live.num}")
         return {}, None
+
+    def _list(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """A whole directory at once: the plugin caches it and answers stat, exists and
+        xattr-name questions about its entries without asking again."""
+        live, _, path = self._target(request)
+        rows = []
+        for name, st in self.table.readdir(live.num, path):
+            names = self.table.listxattr(live.num, f"{path}/{name}" if path else name)
+            rows.append([os.fsencode(name), *stat_fields(live.num, st), [os.fsencode(n) for n in names]])
+        return {"entries": rows}, None
 
     def _readlink(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         live, _, path = self._target(request)

@@ -47,6 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <linux/openat2.h>
 #include <msgpack.h>
 
 #define EXPORT __attribute__ ((visibility ("default")))
@@ -104,16 +105,43 @@ struct data_source
 /* ---- Plugin state. fuse-overlayfs gives us no context pointer before load, so the
  * connection lives in one process-wide struct, guarded by a mutex (threaded=1). ---- */
 
+#define CRFS_STAT_FIELDS 9 /* ino mode nlink uid gid size mtime_ns rdev_major rdev_minor */
+#define CRFS_CACHE_BUCKETS 1024
+#define CRFS_CACHE_MAX_ENTRIES 262144
+
+/* One entry of a cached directory listing. Layers never change, so nothing expires. */
+struct cached_entry
+{
+  char *name;
+  uint64_t st[CRFS_STAT_FIELDS];
+  char *xattr_names; /* NUL-terminated names back to back, or NULL */
+  uint32_t xattr_len;
+};
+
+struct cached_dir
+{
+  struct cached_dir *next; /* hash chain */
+  char *path;
+  int error; /* 0, or ENOENT/ENOTDIR: no such directory in this layer */
+  size_t count;
+  struct cached_entry *entries; /* sorted by name */
+};
+
 struct crfs_layer
 {
   struct crfs_layer *next;
   struct ovl_layer *ovl;
   uint64_t num; /* the worker's layer number */
   dev_t dev;    /* st_dev of the layer's root fd, reported by statat */
+  bool have_root;
+  struct cached_entry root; /* the layer's root directory itself */
+  struct cached_dir *dirs[CRFS_CACHE_BUCKETS];
+  size_t cached_entries;
 };
 
 struct crfs_state
 {
+  pthread_mutex_t cache_lock; /* taken before lock, never after */
   pthread_mutex_t lock;
   int sock;
   struct crfs_layer *layers;
@@ -122,7 +150,7 @@ struct crfs_state
   bool log_checked;
 };
 
-static struct crfs_state state = { PTHREAD_MUTEX_INITIALIZER, -1, NULL, false, NULL, false };
+static struct crfs_state state = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, -1, NULL, false, NULL, false };
 
 static void
 trace (const char *fmt, ...)
@@ -928,56 +956,432 @@ key_layers (const char *key, uint64_t *nums, size_t max)
 
 #define CRFS_MAX_LAYERS 512
 
+/* ---- Paths ---- */
+
+/* fuse-overlayfs hands paths like "/x", "./x", "a/.wh.b", "." or "": this makes them
+ * "x", "a/.wh.b" and "" (the root). ".." never names anything inside a layer. */
+static int
+normalize_path (const char *in, char *out, size_t size)
+{
+  const char *p = in ? in : "";
+  size_t o = 0;
+
+  while (*p)
+    {
+      const char *end = strchr (p, '/');
+      size_t len = end ? (size_t) (end - p) : strlen (p);
+
+      if (len == 2 && p[0] == '.' && p[1] == '.')
+        {
+          errno = ENOENT;
+          return -1;
+        }
+      if (len > 0 && ! (len == 1 && p[0] == '.'))
+        {
+          if (o + (o > 0) + len + 1 > size)
+            {
+              errno = ENAMETOOLONG;
+              return -1;
+            }
+          if (o > 0)
+            out[o++] = '/';
+          memcpy (out + o, p, len);
+          o += len;
+        }
+      p += len;
+      if (*p == '/')
+        p++;
+    }
+  out[o] = '\0';
+  return 0;
+}
+
 static struct crfs_layer *
 layer_of (struct ovl_layer *l)
 {
   return (struct crfs_layer *) l->data_source_private_data;
 }
 
-/* fuse-overlayfs hands paths like "/x", "./x", "." or "": the worker normalises the
- * rest, we only keep the message short and refuse what cannot be a path. */
-static const char *
-strip_path (const char *path)
+/* Starts a request about NORM (a normalised path) in layer L. */
+static void
+req_path (struct request *q, const char *op, struct ovl_layer *l, const char *norm, size_t extra)
 {
-  if (path == NULL)
-    return "";
-  for (;;)
-    {
-      if (path[0] == '/')
-        path++;
-      else if (path[0] == '.' && path[1] == '/')
-        path += 2;
-      else if (path[0] == '.' && path[1] == '\0')
-        path++;
-      else
-        return path;
-    }
-}
-
-static bool
-path_ok (const char *path)
-{
-  if (strlen (path) >= PATH_MAX)
-    {
-      errno = ENAMETOOLONG;
-      return false;
-    }
-  return true;
-}
-
-/* Starts a request about PATH in layer L: {"op", "layer", "path", ...}. */
-static bool
-req_path (struct request *q, const char *op, struct ovl_layer *l, const char *path, size_t extra)
-{
-  const char *p = strip_path (path);
-
-  if (! path_ok (p))
-    return false;
   req_begin (q, op, 2 + extra);
   req_uint (q, "layer", layer_of (l)->num);
-  req_bin (q, "path", p);
-  return true;
+  req_bin (q, "path", norm);
 }
+
+/* ---- Metadata cache: whole directories, fetched once ("list"). fuse-overlayfs asks
+ * file_exists(.wh.X), statat and several getxattr for every entry it meets; answering
+ * them from one listing per directory saves a round trip each. ---- */
+
+static void
+free_entry (struct cached_entry *e)
+{
+  free (e->name);
+  free (e->xattr_names);
+  e->name = NULL;
+  e->xattr_names = NULL;
+}
+
+static void
+free_dir (struct cached_dir *d)
+{
+  size_t i;
+
+  for (i = 0; i < d->count; i++)
+    free_entry (&d->entries[i]);
+  free (d->entries);
+  free (d->path);
+  free (d);
+}
+
+static void
+flush_cache (struct crfs_layer *cl)
+{
+  size_t b;
+
+  for (b = 0; b < CRFS_CACHE_BUCKETS; b++)
+    while (cl->dirs[b])
+      {
+        struct cached_dir *next = cl->dirs[b]->next;
+        free_dir (cl->dirs[b]);
+        cl->dirs[b] = next;
+      }
+  cl->cached_entries = 0;
+}
+
+static void
+free_layer (struct crfs_layer *cl)
+{
+  flush_cache (cl);
+  if (cl->have_root)
+    free_entry (&cl->root);
+  free (cl);
+}
+
+static uint32_t
+path_bucket (const char *s)
+{
+  uint32_t h = 2166136261u; /* FNV-1a */
+
+  for (; *s; s++)
+    {
+      h ^= (unsigned char) *s;
+      h *= 16777619u;
+    }
+  return h % CRFS_CACHE_BUCKETS;
+}
+
+static int
+parse_stat_array (const msgpack_object *a, size_t first, uint64_t v[CRFS_STAT_FIELDS])
+{
+  size_t i;
+
+  if (a->type != MSGPACK_OBJECT_ARRAY || a->via.array.size < first + CRFS_STAT_FIELDS)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  for (i = 0; i < CRFS_STAT_FIELDS; i++)
+    {
+      const msgpack_object *o = &a->via.array.ptr[first + i];
+      if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        {
+          errno = EPROTO;
+          return -1;
+        }
+      v[i] = o->via.u64;
+    }
+  return 0;
+}
+
+static int
+parse_xattr_names (const msgpack_object *list, struct cached_entry *e)
+{
+  size_t total = 0, off = 0;
+  uint32_t i;
+
+  if (list == NULL || list->type != MSGPACK_OBJECT_ARRAY)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  for (i = 0; i < list->via.array.size; i++)
+    {
+      const msgpack_object *o = &list->via.array.ptr[i];
+      if (o->type != MSGPACK_OBJECT_BIN || o->via.bin.size == 0 || memchr (o->via.bin.ptr, 0, o->via.bin.size))
+        {
+          errno = EPROTO;
+          return -1;
+        }
+      total += o->via.bin.size + 1;
+    }
+  if (total > INT_MAX)
+    {
+      errno = E2BIG;
+      return -1;
+    }
+  e->xattr_len = (uint32_t) total;
+  if (total == 0)
+    return 0;
+  e->xattr_names = malloc (total);
+  if (e->xattr_names == NULL)
+    return -1;
+  for (i = 0; i < list->via.array.size; i++)
+    {
+      const msgpack_object_bin *b = &list->via.array.ptr[i].via.bin;
+      memcpy (e->xattr_names + off, b->ptr, b->size);
+      off += b->size;
+      e->xattr_names[off++] = '\0';
+    }
+  return 0;
+}
+
+/* One row of a listing: [name, ino, mode, nlink, uid, gid, size, mtime_ns, major, minor, [xattrs]]. */
+static int
+parse_entry (const msgpack_object *row, struct cached_entry *e)
+{
+  const msgpack_object *name;
+
+  memset (e, 0, sizeof (*e));
+  if (row->type != MSGPACK_OBJECT_ARRAY || row->via.array.size != CRFS_STAT_FIELDS + 2)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  name = &row->via.array.ptr[0];
+  if (name->type != MSGPACK_OBJECT_BIN || name->via.bin.size == 0 || memchr (name->via.bin.ptr, 0, name->via.bin.size)
+      || memchr (name->via.bin.ptr, '/', name->via.bin.size))
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  if (parse_stat_array (row, 1, e->st) < 0)
+    return -1;
+  e->name = strndup (name->via.bin.ptr, name->via.bin.size);
+  if (e->name == NULL)
+    return -1;
+  if (parse_xattr_names (&row->via.array.ptr[CRFS_STAT_FIELDS + 1], e) < 0)
+    {
+      free_entry (e);
+      return -1;
+    }
+  return 0;
+}
+
+static int
+entry_cmp (const void *a, const void *b)
+{
+  return strcmp (((const struct cached_entry *) a)->name, ((const struct cached_entry *) b)->name);
+}
+
+static void
+insert_dir (struct crfs_layer *cl, struct cached_dir *d)
+{
+  uint32_t b;
+
+  if (cl->cached_entries + d->count + 1 > CRFS_CACHE_MAX_ENTRIES)
+    flush_cache (cl); /* bounded memory; a flush only costs round trips */
+  b = path_bucket (d->path);
+  d->next = cl->dirs[b];
+  cl->dirs[b] = d;
+  cl->cached_entries += d->count + 1;
+}
+
+/* Fetches DIR's listing (or the fact that it is absent). Called with cache_lock held. */
+static struct cached_dir *
+fetch_dir (struct crfs_layer *cl, const char *dir)
+{
+  struct request q;
+  struct reply r;
+  const msgpack_object *rows;
+  struct cached_dir *d;
+  uint32_t i;
+  int ret, saved;
+
+  d = calloc (1, sizeof (*d));
+  if (d == NULL)
+    return NULL;
+  d->path = strdup (dir);
+  if (d->path == NULL)
+    {
+      free (d);
+      return NULL;
+    }
+  req_begin (&q, "list", 2);
+  req_uint (&q, "layer", cl->num);
+  req_bin (&q, "path", dir);
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret < 0)
+    {
+      saved = errno;
+      reply_free (&r);
+      if (saved == ENOENT || saved == ENOTDIR)
+        {
+          d->error = saved; /* absence is as permanent as presence */
+          insert_dir (cl, d);
+          return d;
+        }
+      free_dir (d);
+      errno = saved;
+      return NULL;
+    }
+  rows = reply_get (&r, "entries");
+  if (rows == NULL || rows->type != MSGPACK_OBJECT_ARRAY)
+    {
+      reply_free (&r);
+      free_dir (d);
+      errno = EPROTO;
+      return NULL;
+    }
+  d->entries = calloc (rows->via.array.size ? rows->via.array.size : 1, sizeof (*d->entries));
+  if (d->entries == NULL)
+    {
+      reply_free (&r);
+      free_dir (d);
+      return NULL;
+    }
+  for (i = 0; i < rows->via.array.size; i++)
+    {
+      if (parse_entry (&rows->via.array.ptr[i], &d->entries[i]) < 0)
+        {
+          saved = errno;
+          reply_free (&r);
+          free_dir (d);
+          errno = saved;
+          return NULL;
+        }
+      d->count++;
+    }
+  reply_free (&r);
+  qsort (d->entries, d->count, sizeof (*d->entries), entry_cmp);
+  insert_dir (cl, d);
+  return d;
+}
+
+static int
+fetch_root (struct crfs_layer *cl)
+{
+  struct request q;
+  struct reply r;
+  const msgpack_object *st;
+  int ret;
+
+  memset (&cl->root, 0, sizeof (cl->root));
+  req_begin (&q, "stat", 2);
+  req_uint (&q, "layer", cl->num);
+  req_bin (&q, "path", "");
+  reply_init (&r);
+  ret = call (&q, &r);
+  st = reply_get (&r, "st");
+  if (ret == 0 && (st == NULL || parse_stat_array (st, 0, cl->root.st) < 0))
+    {
+      errno = EPROTO;
+      ret = -1;
+    }
+  reply_free (&r);
+  if (ret < 0)
+    return -1;
+  req_begin (&q, "listxattr", 2);
+  req_uint (&q, "layer", cl->num);
+  req_bin (&q, "path", "");
+  reply_init (&r);
+  ret = call (&q, &r);
+  if (ret == 0)
+    ret = parse_xattr_names (reply_get (&r, "names"), &cl->root);
+  reply_free (&r);
+  if (ret < 0)
+    return -1;
+  cl->root.name = strdup ("");
+  if (cl->root.name == NULL)
+    {
+      free_entry (&cl->root);
+      return -1;
+    }
+  cl->have_root = true;
+  return 0;
+}
+
+/* The cached entry for NORM (valid until the next fetch), or NULL with errno.
+ * Called with cache_lock held. */
+static const struct cached_entry *
+find_entry (struct crfs_layer *cl, const char *norm)
+{
+  char dir[PATH_MAX];
+  const char *slash = strrchr (norm, '/');
+  struct cached_entry key;
+  struct cached_dir *d;
+  const struct cached_entry *e;
+
+  if (*norm == '\0')
+    {
+      if (! cl->have_root && fetch_root (cl) < 0)
+        return NULL;
+      return &cl->root;
+    }
+  if (slash)
+    {
+      memcpy (dir, norm, (size_t) (slash - norm));
+      dir[slash - norm] = '\0';
+    }
+  else
+    dir[0] = '\0';
+  for (d = cl->dirs[path_bucket (dir)]; d; d = d->next)
+    if (strcmp (d->path, dir) == 0)
+      break;
+  if (d == NULL && (d = fetch_dir (cl, dir)) == NULL)
+    return NULL;
+  if (d->error)
+    {
+      errno = d->error;
+      return NULL;
+    }
+  key.name = (char *) (slash ? slash + 1 : norm);
+  e = bsearch (&key, d->entries, d->count, sizeof (*d->entries), entry_cmp);
+  if (e == NULL)
+    errno = ENOENT;
+  return e;
+}
+
+static bool
+has_xattr (const struct cached_entry *e, const char *name)
+{
+  uint32_t off = 0;
+
+  while (off < e->xattr_len)
+    {
+      const char *n = e->xattr_names + off;
+      if (strcmp (n, name) == 0)
+        return true;
+      off += (uint32_t) strlen (n) + 1;
+    }
+  return false;
+}
+
+/* Runs FN on the cached entry for PATH under the cache lock; -1 with errno otherwise. */
+#define WITH_ENTRY(l, path, e, body)                                                                   \
+  do                                                                                                   \
+    {                                                                                                  \
+      char norm_[PATH_MAX];                                                                            \
+      const struct cached_entry *e;                                                                    \
+      int saved_;                                                                                      \
+      if (normalize_path ((path), norm_, sizeof (norm_)) < 0)                                          \
+        return -1;                                                                                     \
+      pthread_mutex_lock (&state.cache_lock);                                                          \
+      e = find_entry (layer_of (l), norm_);                                                            \
+      if (e == NULL)                                                                                   \
+        ret = -1;                                                                                      \
+      else                                                                                             \
+        {                                                                                              \
+          body;                                                                                        \
+        }                                                                                              \
+      saved_ = errno;                                                                                  \
+      pthread_mutex_unlock (&state.cache_lock);                                                        \
+      errno = saved_;                                                                                  \
+    }                                                                                                  \
+  while (0)
 
 /* ---- The data source ---- */
 
@@ -1048,6 +1452,7 @@ crfs_cleanup (struct ovl_layer *l)
   bool found = false;
 
   /* Only free what is still ours: plugin_release may have run first. */
+  pthread_mutex_lock (&state.cache_lock);
   pthread_mutex_lock (&state.lock);
   for (it = &state.layers; *it; it = &(*it)->next)
     if (*it == cl)
@@ -1058,7 +1463,8 @@ crfs_cleanup (struct ovl_layer *l)
       }
   pthread_mutex_unlock (&state.lock);
   if (found)
-    free (cl);
+    free_layer (cl);
+  pthread_mutex_unlock (&state.cache_lock);
   l->data_source_private_data = NULL;
   return 0;
 }
@@ -1066,41 +1472,17 @@ crfs_cleanup (struct ovl_layer *l)
 static int
 crfs_file_exists (struct ovl_layer *l, const char *pathname)
 {
-  struct request q;
-  struct reply r;
-  int ret;
+  int ret = 0;
 
-  if (! req_path (&q, "exists", l, pathname, 0))
-    return -1;
-  reply_init (&r);
-  ret = call (&q, &r);
+  WITH_ENTRY (l, pathname, e, (void) e; ret = 0);
   trace ("file_exists(%s) = %d errno %d", pathname, ret, ret < 0 ? errno : 0);
-  reply_free (&r);
   return ret;
 }
 
 /* Fills the whole struct: callers pass uninitialised stack memory. */
-static int
-fill_stat (const struct reply *r, dev_t dev, struct stat *st)
+static void
+fill_stat (const uint64_t v[CRFS_STAT_FIELDS], dev_t dev, struct stat *st)
 {
-  const msgpack_object *a = reply_get (r, "st");
-  uint64_t v[9];
-  uint32_t i;
-
-  if (a == NULL || a->type != MSGPACK_OBJECT_ARRAY || a->via.array.size != 9)
-    {
-      errno = EPROTO;
-      return -1;
-    }
-  for (i = 0; i < 9; i++)
-    {
-      if (a->via.array.ptr[i].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
-        {
-          errno = EPROTO;
-          return -1;
-        }
-      v[i] = a->via.array.ptr[i].via.u64;
-    }
   memset (st, 0, sizeof (*st));
   st->st_dev = dev;
   st->st_ino = (ino_t) v[0];
@@ -1116,26 +1498,17 @@ fill_stat (const struct reply *r, dev_t dev, struct stat *st)
   st->st_rdev = makedev ((unsigned) v[7], (unsigned) v[8]);
   st->st_blksize = 4096;
   st->st_blocks = (blkcnt_t) ((v[5] + 511) / 512);
-  return 0;
 }
 
 static int
 crfs_statat (struct ovl_layer *l, const char *path, struct stat *st, int flags, unsigned int mask)
 {
-  struct request q;
-  struct reply r;
-  int ret;
+  int ret = 0;
 
   (void) flags; /* always AT_SYMLINK_NOFOLLOW: layers never follow symlinks */
   (void) mask;  /* the answer is complete whatever the hint */
-  if (! req_path (&q, "stat", l, path, 0))
-    return -1;
-  reply_init (&r);
-  ret = call (&q, &r);
-  if (ret == 0)
-    ret = fill_stat (&r, layer_of (l)->dev, st);
+  WITH_ENTRY (l, path, e, fill_stat (e->st, layer_of (l)->dev, st); ret = 0);
   trace ("statat(%s) = %d errno %d", path, ret, ret < 0 ? errno : 0);
-  reply_free (&r);
   return ret;
 }
 
@@ -1146,16 +1519,46 @@ crfs_fstat (struct ovl_layer *l, int fd, const char *path, unsigned int mask, st
   return crfs_statat (l, path, st, AT_SYMLINK_NOFOLLOW, mask);
 }
 
-/* Asks the worker for a real fd on PATH (a cache file or the worker's view). */
+/* Opens NORM on the worker's view through the layer's root fd, without a round trip.
+ * No symlink is followed and nothing outside the layer is reachable (openat2). */
 static int
-open_fd (struct ovl_layer *l, const char *path, int flags)
+view_open (struct ovl_layer *l, const char *norm, int flags)
+{
+#ifdef SYS_openat2
+  struct open_how how;
+
+  memset (&how, 0, sizeof (how));
+  how.flags = (uint64_t) ((flags & (O_NONBLOCK | O_DIRECTORY | O_PATH | O_LARGEFILE)) | O_RDONLY | O_NOFOLLOW
+                          | O_CLOEXEC);
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+  return (int) syscall (SYS_openat2, l->fd, *norm ? norm : ".", &how, sizeof (how));
+#else
+  (void) l;
+  (void) norm;
+  (void) flags;
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+/* Errors of a local view open that the worker can still answer: no openat2, a device
+ * (the view is nodev: the worker gives a stand-in), a dead view (the worker restarts). */
+static bool
+worker_may_answer (int err, int flags)
+{
+  return err == ENOSYS || err == EACCES || err == EPERM || err == ENXIO || err == ENOTCONN
+         || err == ECONNABORTED || (err == ELOOP && (flags & O_PATH));
+}
+
+/* Asks the worker for a real fd on NORM (a cache file, the view, or a stand-in). */
+static int
+worker_open (struct ovl_layer *l, const char *norm, int flags)
 {
   struct request q;
   struct reply r;
   int ret, fd = -1;
 
-  if (! req_path (&q, "open", l, path, 1))
-    return -1;
+  req_path (&q, "open", l, norm, 1);
   req_int (&q, "flags", flags);
   reply_init (&r);
   ret = call (&q, &r);
@@ -1168,6 +1571,26 @@ open_fd (struct ovl_layer *l, const char *path, int flags)
     fd = reply_take_fd (&r);
   reply_free (&r);
   return ret < 0 ? -1 : fd;
+}
+
+static int
+open_fd (struct ovl_layer *l, const char *path, int flags)
+{
+  char norm[PATH_MAX];
+  int fd;
+
+  if (normalize_path (path, norm, sizeof (norm)) < 0)
+    return -1;
+  /* Opens that only look (lookups read xattrs, O_DIRECTORY, O_PATH) go straight to the
+   * view: they fetch nothing. Reads of file data ask the worker, which may hand out a
+   * verified copy from the content cache instead. */
+  if (flags & (O_NONBLOCK | O_DIRECTORY | O_PATH))
+    {
+      fd = view_open (l, norm, flags);
+      if (fd >= 0 || ! worker_may_answer (errno, flags))
+        return fd;
+    }
+  return worker_open (l, norm, flags);
 }
 
 static void *
@@ -1222,58 +1645,27 @@ crfs_openat (struct ovl_layer *l, const char *path, int flags, mode_t mode)
 static int
 crfs_listxattr (struct ovl_layer *l, const char *path, char *buf, size_t size)
 {
-  struct request q;
-  struct reply r;
-  const msgpack_object *names;
-  size_t total = 0, off = 0;
-  uint32_t i;
-  int ret;
+  int ret = 0;
 
-  if (! req_path (&q, "listxattr", l, path, 0))
-    return -1;
-  reply_init (&r);
-  ret = call (&q, &r);
-  names = reply_get (&r, "names");
-  if (ret == 0 && (names == NULL || names->type != MSGPACK_OBJECT_ARRAY))
-    {
-      errno = EPROTO;
-      ret = -1;
-    }
-  for (i = 0; ret == 0 && i < names->via.array.size; i++)
-    {
-      if (names->via.array.ptr[i].type != MSGPACK_OBJECT_BIN)
-        {
-          errno = EPROTO;
-          ret = -1;
-        }
-      else
-        total += names->via.array.ptr[i].via.bin.size + 1;
-    }
-  if (ret == 0 && total > INT_MAX)
-    {
-      errno = E2BIG;
-      ret = -1;
-    }
-  if (ret == 0 && size > 0 && size < total)
-    {
-      errno = ERANGE;
-      ret = -1;
-    }
-  if (ret == 0 && size > 0)
-    for (i = 0; i < names->via.array.size; i++)
+  WITH_ENTRY (l, path, e, {
+    if (size > 0 && size < e->xattr_len)
       {
-        const msgpack_object_bin *b = &names->via.array.ptr[i].via.bin;
-        memcpy (buf + off, b->ptr, b->size);
-        off += b->size;
-        buf[off++] = '\0';
+        errno = ERANGE;
+        ret = -1;
       }
-  trace ("listxattr(%s, %zu) = %d total %zu", path, size, ret, total);
-  reply_free (&r);
-  return ret < 0 ? -1 : (int) total;
+    else
+      {
+        if (size > 0 && e->xattr_len > 0)
+          memcpy (buf, e->xattr_names, e->xattr_len);
+        ret = (int) e->xattr_len;
+      }
+  });
+  trace ("listxattr(%s, %zu) = %d", path, size, ret);
+  return ret;
 }
 
 static int
-crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *buf, size_t size)
+fetch_xattr (struct ovl_layer *l, const char *norm, const char *name, char *buf, size_t size)
 {
   struct request q;
   struct reply r;
@@ -1281,8 +1673,7 @@ crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *bu
   uint32_t len = 0;
   int ret;
 
-  if (! req_path (&q, "getxattr", l, path, 1))
-    return -1;
+  req_path (&q, "getxattr", l, norm, 1);
   req_bin (&q, "name", name);
   reply_init (&r);
   ret = call (&q, &r);
@@ -1303,9 +1694,28 @@ crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *bu
     }
   if (ret == 0 && size > 0)
     memcpy (buf, value, len);
-  trace ("getxattr(%s, %s, %zu) = %d errno %d", path, name, size, ret < 0 ? -1 : (int) len, ret < 0 ? errno : 0);
   reply_free (&r);
   return ret < 0 ? -1 : (int) len;
+}
+
+static int
+crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *buf, size_t size)
+{
+  int ret = 0;
+
+  /* Most questions (security.selinux, posix ACLs, overlay opaque markers) are about
+   * attributes the entry does not have: the cached name list answers those. */
+  WITH_ENTRY (l, path, e, {
+    if (! has_xattr (e, name))
+      {
+        errno = ENODATA;
+        ret = -1;
+      }
+    else
+      ret = fetch_xattr (l, norm_, name, buf, size);
+  });
+  trace ("getxattr(%s, %s, %zu) = %d errno %d", path, name, size, ret, ret < 0 ? errno : 0);
+  return ret;
 }
 
 static ssize_t
@@ -1313,12 +1723,21 @@ crfs_readlinkat (struct ovl_layer *l, const char *path, char *buf, size_t bufsiz
 {
   struct request q;
   struct reply r;
+  char norm[PATH_MAX];
   const char *target = NULL;
   uint32_t len = 0;
-  int ret;
+  int ret = 0;
 
-  if (! req_path (&q, "readlink", l, path, 0))
+  WITH_ENTRY (l, path, e, {
+    if (! S_ISLNK (e->st[1]))
+      {
+        errno = EINVAL;
+        ret = -1;
+      }
+  });
+  if (ret < 0 || normalize_path (path, norm, sizeof (norm)) < 0)
     return -1;
+  req_path (&q, "readlink", l, norm, 0);
   reply_init (&r);
   ret = call (&q, &r);
   if (ret == 0 && ! reply_bytes (&r, "target", &target, &len))
@@ -1388,13 +1807,14 @@ plugin_load (const char *opaque, const char *path)
 EXPORT int
 plugin_release (void)
 {
+  pthread_mutex_lock (&state.cache_lock);
   pthread_mutex_lock (&state.lock);
   disconnect_locked ();
   while (state.layers)
     {
       /* The ovl_layer structs may be freed already: do not touch them. */
       struct crfs_layer *next = state.layers->next;
-      free (state.layers);
+      free_layer (state.layers);
       state.layers = next;
     }
   if (state.log)
@@ -1402,5 +1822,6 @@ plugin_release (void)
   state.log = NULL;
   state.log_checked = false;
   pthread_mutex_unlock (&state.lock);
+  pthread_mutex_unlock (&state.cache_lock);
   return 0;
 }

@@ -409,8 +409,10 @@ def test_worker_restart_is_survived(plugin: LoadedPlugin, plugin_session: Plugin
     old_fd = base.fd
     plugin_session.stop_worker()
     assert plugin_session.worker_pid() is None
-    # The next call restarts the worker and replaces the root fds in place.
-    assert plugin.exists(base, "etc/passwd") == 0
+    # The next round trip restarts the worker and replaces the root fds in place.
+    fd = plugin.openat(base, "etc/passwd", os.O_RDONLY)
+    assert fd >= 0 and os.read(fd, 5) == b"root:"
+    os.close(fd)
     assert plugin_session.worker_pid() is not None
     assert base.fd == old_fd
     assert sorted(os.listdir(base.fd)) == ["data", "dev", "doomed-dir", "etc", "opaque-me", "rename-me", "usr", "var"]
