@@ -1,0 +1,594 @@
+"""Index: a compact on-disk SQLite index of one TOC, built once per TOC digest.
+
+`IndexBuilder` consumes validated `TocEntry` values in TOC order (streaming: memory
+holds the directories and a small window of chunks, not the entries) and writes a
+SQLite file; `Index` answers lookups from it. `layer.py` builds into a temporary file and
+renames it to `<index_dir>/<digest-hex>.sqlite` only once the TOC digest is verified,
+so an index file that exists is an index of a verified TOC.
+
+Tables (schema version `SCHEMA_VERSION`), one row per TOC name so a million-entry TOC
+is a million rows:
+- `node(seq, parent, name, ino, mode, nlink, uid, gid, size, mtime_ns, rdev_major,
+  rdev_minor, link, digest, cstart, cend, inner, cdigest, zeros)`: `seq` is the TOC order
+  (walk order) and, for the first name of an inode, its inode number (`ino == seq`);
+  hardlink rows carry their target's `ino` and a copy of its attributes. `mode` is the full
+  st_mode, `link` a symlink target, `digest` the raw sha256 of a regular file's whole
+  content when the TOC gives one. A file stored as one chunk keeps it in the row: its
+  compressed range [cstart, cend) in the blob, offset `inner` in the decompressed
+  member/frame, raw sha256 `cdigest`, zstd:chunked `zeros` flag. Root is seq 1, parent 0;
+  names dropped by a later duplicate get parent -seq. Index on (parent, name).
+- `chunk(ino, foff, size, cstart, cend, inner, digest, zeros)`: files of several chunks.
+- `xattr(ino, name, value)`, `meta(key, value)`.
+
+Semantics (the tar's truth, as extraction would make it):
+- inode numbers: root is 1, then one per new inode in TOC order (stable for a given TOC);
+  hardlinks share their target's inode; nlink counts names (directories: 2 + subdirs).
+- missing parent directories are created 0755 root:root at first need.
+- duplicates: the later entry wins, like tar extraction. A directory entry for an
+  existing directory updates its attributes (children stay); a directory replacing a
+  non-directory replaces it; a non-directory replacing a directory is refused (tar
+  could not do that either without deleting the tree); a later entry under a path that
+  is a file turns that path into a directory.
+- hardlinks: the target must be an earlier entry (the newest earlier one of that name);
+  links to missing, later or directory targets are refused, so cycles cannot exist.
+- whiteouts (`.wh.NAME`, `.wh..wh..opq`) are kept as the entries they are.
+- chunk compressed ends: stargz/eStargz/zstdchunked-estargz: the next distinct offset
+  among later data entries with innerOffset 0, the TOC's start for the last;
+  zstd:chunked: the next chunk's offset within a file, the file's endOffset for its last
+  chunk (falling back to the eStargz rule when endOffset is absent).
+"""
+from __future__ import annotations
+
+import sqlite3
+import stat as st
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import FormatError
+from .toc import TocEntry
+
+SCHEMA_VERSION = 1
+ROOT_INO = 1
+BATCH = 20000
+
+_TYPE_BITS = {
+    "dir": st.S_IFDIR,
+    "reg": st.S_IFREG,
+    "symlink": st.S_IFLNK,
+    "hardlink": 0,
+    "char": st.S_IFCHR,
+    "block": st.S_IFBLK,
+    "fifo": st.S_IFIFO,
+}
+
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE node(
+    seq INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
+    mode INTEGER NOT NULL, nlink INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, rdev_major INTEGER NOT NULL,
+    rdev_minor INTEGER NOT NULL, link TEXT, digest BLOB,
+    cstart INTEGER, cend INTEGER, inner INTEGER, cdigest BLOB, zeros INTEGER);
+CREATE UNIQUE INDEX node_name ON node(parent, name);
+CREATE TABLE chunk(ino INTEGER NOT NULL, foff INTEGER NOT NULL, size INTEGER NOT NULL,
+    cstart INTEGER NOT NULL, cend INTEGER NOT NULL, inner INTEGER NOT NULL, digest BLOB,
+    zeros INTEGER NOT NULL, PRIMARY KEY(ino, foff)) WITHOUT ROWID;
+CREATE TABLE xattr(ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(ino, name)) WITHOUT ROWID;
+"""
+
+# Python's sqlite3 binds None and bytes through its (slow) adapter machinery, but int, str
+# and bytearray directly: rows hold 0 / "" / empty bytearray for "none" instead of NULL.
+_NONE = bytearray()
+
+# Column positions in a node row.
+_INO, _MODE, _NLINK, _SIZE = 3, 4, 5, 8
+_CSTART, _CEND, _INNER, _CDIGEST, _ZEROS = 14, 15, 16, 17, 18
+
+
+@dataclass(frozen=True)
+class EntryStat:
+    ino: int        # > 0, unique in the layer, equal for hardlinks, stable
+    mode: int       # full st_mode, type bits included
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev_major: int
+    rdev_minor: int
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    """One chunk of a regular file as the index holds it."""
+
+    foff: int          # offset of the chunk in the file
+    size: int          # uncompressed bytes
+    cstart: int        # compressed range in the blob: [cstart, cend)
+    cend: int
+    inner: int         # offset of the chunk inside the decompressed member/frame
+    digest: bytes | None
+    zeros: bool
+
+
+class IndexBuilder:
+    """Writes the index of one TOC into `path` (a fresh file). Feed `add()`, then `finish()`."""
+
+    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.fmt = fmt
+        self.zstd_chunked = fmt == "zstd:chunked"
+        self.payload_end = payload_end
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.db = db
+        for pragma in ("journal_mode=MEMORY", "synchronous=OFF", "locking_mode=EXCLUSIVE",
+                       "temp_store=FILE", "cache_size=-32768", "page_size=8192"):
+            db.execute("PRAGMA " + pragma)
+        db.executescript(_SCHEMA)
+        db.execute("BEGIN")
+        self.seq = ROOT_INO
+        # path -> [ino, mode (perm bits), uid, gid, mtime_ns, subdirs, attributes changed]
+        self.dirs: dict[str, list[int]] = {"": [ROOT_INO, 0o755, 0, 0, 0, 0, 1]}
+        self.rows: list[list] = [[ROOT_INO, 0, "", ROOT_INO, st.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 0, 0,
+                                  "", _NONE, 0, 0, 0, _NONE, 0]]
+        self.chunk_rows: list[list] = []
+        self.xattr_rows: list[tuple] = []
+        self.hardlinks: list[tuple[int, str, str]] = []  # (seq, link name, target)
+        # Names replaced by a later entry: (parent, name) -> their seqs (rows now parent -seq).
+        self.dropped: dict[tuple[int, str], list[int]] = {}
+        self.entries = 0
+        # The regular file whose chunks are being read: [node row, name, size, next file
+        # offset, endOffset, last chunk (row, column), several chunks?, chunkDigest == digest?]
+        self.cur: list | None = None
+        # Chunks whose compressed end is not known yet: (row, column of cstart).
+        self.pending: list[tuple[list, int]] = []
+        self.pend_start = -1
+        self.prefetch_offset: int | None = None
+        self.no_prefetch = False
+
+    # ---------------------------------------------------------------- building
+
+    def _bad(self, name: str, what: str) -> FormatError:
+        return FormatError(f"{self.name}: TOC entry {name[:200]!r}: {what}")
+
+    def add_all(self, entries: Iterable[TocEntry]) -> None:
+        add = self.add
+        for e in entries:
+            add(e)
+
+    def add(self, e: TocEntry) -> None:
+        (name, typ, size, mode, uid, gid, mtime, link, major, minor, xattrs, digest, offset,
+         end_offset, inner, coff, csize, cdigest, zeros) = e
+        self.entries += 1
+        if typ == "chunk":
+            self._chunk(e)
+            return
+        if self.cur is not None:
+            self._close_file()
+        if name == "":  # the root itself: attributes only
+            self._dir_again(self.dirs[""], e)
+            return
+        parent, _, base = name.rpartition("/")
+        dirs = self.dirs
+        pdir = dirs.get(parent)
+        if pdir is None:
+            pdir = self._mkdirs(parent)
+        pino = pdir[0]
+        seq = self.seq + 1
+        if typ == "reg":
+            if name in dirs:
+                raise self._bad(name, "a reg entry replaces a directory")
+            self.seq = seq
+            row = [seq, pino, base, seq, 0o100000 | mode, 1, uid, gid, size, mtime, 0, 0, "",
+                   bytearray(digest) if digest else _NONE, 0, 0, 0, _NONE, 0]
+            self.rows.append(row)
+            if size:
+                # The file's first (often only) chunk lives in its row.
+                if coff:
+                    raise self._bad(name, f"first chunk starts at {coff}, not 0")
+                if offset <= 0:
+                    raise self._bad(name, "has file data but no data offset")
+                if not inner and offset != self.pend_start:
+                    self._member_at(offset, name)
+                row[_CSTART] = offset
+                row[_INNER] = inner
+                if cdigest and cdigest is not digest:
+                    row[_CDIGEST] = bytearray(cdigest)
+                if zeros:
+                    row[_ZEROS] = 1
+                slot = (row, _CSTART)
+                self.pending.append(slot)
+                self.cur = [row, name, size, csize or size, end_offset, slot, False,
+                            cdigest is not None and cdigest is digest]
+            if pino == ROOT_INO:
+                if base == PREFETCH_LANDMARK:
+                    self.prefetch_offset = offset
+                elif base == NO_PREFETCH_LANDMARK:
+                    self.no_prefetch = True
+        elif typ == "dir":
+            d = dirs.get(name)
+            if d is not None:  # again: later attributes win, children stay
+                self._dir_again(d, e)
+                return
+            self.seq = seq
+            dirs[name] = [seq, mode, uid, gid, mtime, 0, 0]
+            pdir[5] += 1
+            self.rows.append([seq, pino, base, seq, 0o40000 | mode, 2, uid, gid, 0, mtime, 0, 0,
+                              "", _NONE, 0, 0, 0, _NONE, 0])
+        else:
+            if name in dirs:
+                raise self._bad(name, f"a {typ} entry replaces a directory")
+            self.seq = seq
+            if typ == "symlink":
+                self.rows.append([seq, pino, base, seq, 0o120000 | mode, 1, uid, gid,
+                                  len(link.encode()), mtime, 0, 0, link, _NONE, 0, 0, 0, _NONE, 0])
+            elif typ == "hardlink":
+                self.hardlinks.append((seq, name, link))
+                self.rows.append([seq, pino, base, 0, 0, 1, 0, 0, 0, 0, 0, 0, "", _NONE,
+                                  0, 0, 0, _NONE, 0])
+                return
+            else:
+                self.rows.append([seq, pino, base, seq, _TYPE_BITS[typ] | mode, 1, uid, gid, 0,
+                                  mtime, major, minor, "", _NONE, 0, 0, 0, _NONE, 0])
+        if xattrs:
+            self._xattrs(seq, xattrs)
+        if len(self.rows) >= BATCH:
+            self._flush()
+
+    def _dir_again(self, d: list[int], e: TocEntry) -> None:
+        d[1], d[2], d[3], d[4], d[6] = e.mode, e.uid, e.gid, e.mtime_ns, 1
+        if e.xattrs:
+            self._xattrs(d[0], e.xattrs)
+
+    def _mkdirs(self, path: str) -> list[int]:
+        """Create missing parent directories 0755, outermost first."""
+        parent, _, base = path.rpartition("/")
+        pdir = self.dirs.get(parent)
+        if pdir is None:
+            pdir = self._mkdirs(parent)
+        self.seq += 1
+        seq = self.seq
+        d = [seq, 0o755, 0, 0, 0, 0, 0]
+        self.dirs[path] = d
+        pdir[5] += 1
+        self.rows.append([seq, pdir[0], base, seq, st.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 0, 0,
+                          "", _NONE, 0, 0, 0, _NONE, 0])
+        return d
+
+    def _xattrs(self, ino: int, xattrs: dict[str, bytes]) -> None:
+        for k, v in xattrs.items():
+            self.xattr_rows.append((ino, k, bytearray(v)))
+
+    # chunks ---------------------------------------------------------------
+
+    def _member_at(self, offset: int, name: str) -> None:
+        """A data entry with innerOffset 0 starts at `offset`: earlier members end there."""
+        if offset != self.pend_start:
+            if self.pending:
+                for row, i in self.pending:
+                    if row[i] >= offset:
+                        raise self._bad(name, f"data offset {offset} is not after an earlier "
+                                              f"entry's offset {row[i]}")
+                    row[i + 1] = offset
+                self.pending = []
+            self.pend_start = offset
+
+    def _chunk(self, e: TocEntry) -> None:
+        cur = self.cur
+        if cur is None:
+            raise self._bad(e.name, "is a chunk that does not follow a non-empty regular file")
+        row, name, size = cur[0], cur[1], cur[2]
+        if e.name and e.name != name:
+            raise self._bad(e.name, f"is a chunk of {name!r} but names another file")
+        foff = e.chunk_offset
+        if foff != cur[3]:
+            raise self._bad(name, f"chunk at file offset {foff} leaves a gap or overlap "
+                                  f"(expected {cur[3]})")
+        csize = e.chunk_size or size - foff
+        if foff + csize > size:
+            raise self._bad(name, f"chunk [{foff}, {foff + csize}) runs past the file's {size} bytes")
+        offset = e.offset
+        if offset <= 0:
+            raise self._bad(name, "has file data but no data offset")
+        ino = row[_INO]
+        if not cur[6]:  # the second chunk: move the first one out of the node row
+            fd = row[_CDIGEST] or (row[13] if cur[7] else _NONE)
+            first = [ino, 0, foff, row[_CSTART], row[_CEND], row[_INNER], fd, row[_ZEROS]]
+            row[_CSTART] = row[_CEND] = row[_INNER] = row[_ZEROS] = 0
+            row[_CDIGEST] = _NONE
+            self.pending = [(first, 3) if r is row else (r, i) for r, i in self.pending]
+            self.chunk_rows.append(first)
+            cur[6] = True
+        if e.end_offset:
+            cur[4] = e.end_offset
+        if e.inner_offset == 0:
+            self._member_at(offset, name)
+        cd = e.chunk_digest
+        crow = [ino, foff, csize, offset, 0, e.inner_offset, bytearray(cd) if cd else _NONE,
+                1 if e.zeros else 0]
+        self.chunk_rows.append(crow)
+        slot = (crow, 3)
+        self.pending.append(slot)
+        cur[5] = slot
+        cur[3] = foff + csize
+
+    def _close_file(self) -> None:
+        row, name, size, covered, end_offset, (last, i), multi, _ = self.cur
+        self.cur = None
+        if covered != size:
+            raise self._bad(name, f"chunks cover {covered} of the file's {size} bytes")
+        # A file in one chunk without a chunkDigest: its whole-file digest vouches for the
+        # chunk (Index.chunks applies that rule, so the row stores the digest once).
+        if self.zstd_chunked and end_offset and not last[i + 1]:
+            if end_offset <= last[i]:
+                raise self._bad(name, f"endOffset {end_offset} is not after the data offset {last[i]}")
+            last[i + 1] = end_offset
+            self.pending = [(r, j) for r, j in self.pending if r is not last]
+
+    def _flush(self, final: bool = False) -> None:
+        """Write the buffered rows, except those still waiting for a compressed end."""
+        db = self.db
+        rows = self.rows
+        if rows:
+            cut = len(rows)
+            if not final and self.pending:
+                for k, r in enumerate(rows):
+                    if r[_CSTART] and not r[_CEND]:
+                        cut = k
+                        break
+            self._insert_nodes(rows[:cut] if cut < len(rows) else rows)
+            self.rows = rows[cut:]
+        crows = self.chunk_rows
+        if crows:
+            cut = len(crows)
+            if not final and self.pending:
+                for k, r in enumerate(crows):
+                    if not r[4]:
+                        cut = k
+                        break
+            db.executemany("INSERT INTO chunk VALUES (?,?,?,?,?,?,?,?)",
+                           crows[:cut] if cut < len(crows) else crows)
+            self.chunk_rows = crows[cut:]
+        if self.xattr_rows:
+            db.executemany("INSERT OR REPLACE INTO xattr VALUES (?,?,?)", self.xattr_rows)
+            self.xattr_rows = []
+
+    _INSERT = "INSERT INTO node VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+
+    def _insert_nodes(self, rows: list[list]) -> None:
+        """Insert rows (in seq order); a name already present is a duplicate: the later wins."""
+        db = self.db
+        start = 0
+        while True:
+            try:
+                db.executemany(self._INSERT, rows if start == 0 else rows[start:])
+                return
+            except sqlite3.IntegrityError:
+                pass
+            # Rows before the failing one went in (each row is its own statement).
+            last = db.execute("SELECT max(seq) FROM node").fetchone()[0] or 0
+            while rows[start][0] <= last:
+                start += 1
+            row = rows[start]
+            old = db.execute("SELECT seq FROM node WHERE parent = ? AND name = ?",
+                             (row[1], row[2])).fetchone()
+            if old is None:  # not a name clash: a real constraint failure
+                raise FormatError(f"{self.name}: cannot index TOC entry {row[2]!r}")
+            db.execute("UPDATE node SET parent = -seq WHERE seq = ?", (old[0],))
+            self.dropped.setdefault((row[1], row[2]), []).append(old[0])
+
+    # ---------------------------------------------------------------- finishing
+
+    def finish(self, meta: dict[str, object]) -> None:
+        """Resolve what needed the whole TOC, write `meta`, and close the file."""
+        if self.cur is not None:
+            self._close_file()
+        for row, i in self.pending:
+            if row[i] >= self.payload_end:
+                raise self._bad(str(row[0]), "data lies past the payload")
+            row[i + 1] = self.payload_end
+        self.pending = []
+        self._flush(final=True)
+        db = self.db
+        # Directories: final attributes and link counts (2 + subdirectories).
+        db.executemany(
+            "UPDATE node SET mode = ?, nlink = ?, uid = ?, gid = ?, mtime_ns = ? WHERE seq = ?",
+            [(st.S_IFDIR | d[1], 2 + d[5], d[2], d[3], d[4], d[0])
+             for d in sorted(self.dirs.values()) if d[5] or d[6]],
+        )
+        self._resolve_links()
+        if self.prefetch_offset is not None and not self.no_prefetch:
+            meta["prefetch_offset"] = self.prefetch_offset
+        meta.update(schema=SCHEMA_VERSION, entries=self.entries, payload_end=self.payload_end)
+        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", sorted(meta.items()))
+        db.execute("COMMIT")
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.close()
+
+    _ATTRS = "mode, uid, gid, size, mtime_ns, rdev_major, rdev_minor"
+
+    def _resolve_links(self) -> None:
+        """Point hardlinks at their targets' inodes; count names (nlink) where it matters."""
+        db = self.db
+        dropped = self.dropped
+        link_ino: dict[int, int] = {}       # hardlink row seq -> its inode
+        names: dict[int, list[int]] = {}    # inode -> seqs of its hardlink rows
+        updates = []
+        for seq, name, target in self.hardlinks:
+            parent, _, base = target.rpartition("/")
+            pdir = self.dirs.get(parent)
+            best = None
+            if pdir is not None:
+                key = (pdir[0], base)
+                row = db.execute("SELECT seq, ino, mode FROM node WHERE parent = ? AND name = ? "
+                                 "AND seq < ?", (*key, seq)).fetchone()
+                if row is not None:
+                    best = row[0]
+                for old in dropped.get(key, ()):  # the name as it was when the link was made
+                    if old < seq and (best is None or old > best):
+                        best = old
+            if best is None:
+                later = pdir is not None and (
+                    db.execute("SELECT 1 FROM node WHERE parent = ? AND name = ?",
+                               (pdir[0], base)).fetchone() or (pdir[0], base) in dropped)
+                what = "a later entry" if later else "a missing entry"
+                raise self._bad(name, f"is a hardlink to {what} {target!r}")
+            ino = link_ino.get(best, best)
+            attrs = db.execute(f"SELECT {self._ATTRS} FROM node WHERE seq = ?", (ino,)).fetchone()
+            if st.S_ISDIR(attrs[0]):
+                raise self._bad(name, f"is a hardlink to the directory {target!r}")
+            if not attrs[0]:  # cannot happen: earlier links are resolved first
+                raise self._bad(name, f"is a hardlink to an unresolved entry {target!r}")
+            link_ino[seq] = ino
+            names.setdefault(ino, []).append(seq)
+            db.execute(f"UPDATE node SET ino = ?, ({self._ATTRS}) = ({','.join('?' * 7)}) "
+                       "WHERE seq = ?", (ino, *attrs, seq))
+        # nlink: the live names of each inode that has hardlinks or lost a name.
+        gone = {s for seqs in dropped.values() for s in seqs}
+        affected = set(names)
+        for s in gone:
+            affected.add(link_ino.get(s, s))
+        for ino in affected:
+            rows = [ino, *names.get(ino, ())]
+            live = sum(1 for r in rows if r not in gone)
+            updates.extend((live, r) for r in rows)
+        db.executemany("UPDATE node SET nlink = ? WHERE seq = ?", sorted(updates, key=lambda u: u[1]))
+
+    def abort(self) -> None:
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+
+# ------------------------------------------------------------------------ reading
+
+_STAT_COLS = "ino, mode, nlink, uid, gid, size, mtime_ns, rdev_major, rdev_minor"
+
+
+class Index:
+    """Read-only view of a built index file. Methods may be called from several threads."""
+
+    def __init__(self, path: Path, name: str = "layer") -> None:
+        self.path = Path(path)
+        self.name = name
+        uri = "file:" + str(self.path.resolve()) + "?mode=ro&immutable=1"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self.meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            raise FormatError(f"{self.path}: not a usable crfs index: {e}") from None
+        if self.meta.get("schema") != SCHEMA_VERSION:
+            raise FormatError(f"{self.path}: index schema {self.meta.get('schema')!r} is not "
+                              f"{SCHEMA_VERSION}")
+        self._dir_cache: dict[str, int] = {"": ROOT_INO}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _one(self, sql: str, args: tuple) -> tuple | None:
+        with self._lock:
+            return self.db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    # -- lookups
+
+    def lookup(self, path: str) -> tuple[int, EntryStat]:
+        """The inode and stat of a normalised path. FileNotFoundError / NotADirectoryError."""
+        if path == "":
+            return ROOT_INO, self.stat(ROOT_INO)
+        parent, _, base = path.rpartition("/")
+        pino = self._dir(parent, path)
+        row = self._one(f"SELECT {_STAT_COLS} FROM node WHERE parent = ? AND name = ?", (pino, base))
+        if row is None:
+            raise FileNotFoundError(2, f"{self.name}: no such file or directory", path)
+        return row[0], EntryStat(*row)
+
+    def _dir(self, path: str, full: str) -> int:
+        ino = self._dir_cache.get(path)
+        if ino is not None:
+            return ino
+        parent, _, base = path.rpartition("/")
+        pino = self._dir(parent, full)
+        row = self._one("SELECT ino, mode FROM node WHERE parent = ? AND name = ?", (pino, base))
+        if row is None:
+            raise FileNotFoundError(2, f"{self.name}: no such file or directory", full)
+        if not st.S_ISDIR(row[1]):
+            raise NotADirectoryError(20, f"{self.name}: not a directory: {path!r}", full)
+        if len(self._dir_cache) > 8192:
+            self._dir_cache = {"": ROOT_INO}
+        self._dir_cache[path] = row[0]
+        return row[0]
+
+    def stat(self, ino: int) -> EntryStat:
+        row = self._one(f"SELECT {_STAT_COLS} FROM node WHERE seq = ?", (ino,))
+        if row is None or row[0] != ino:
+            raise FileNotFoundError(2, f"{self.name}: no inode {ino}")
+        return EntryStat(*row)
+
+    def children(self, ino: int) -> list[tuple[str, EntryStat]]:
+        rows = self._all(f"SELECT name, {_STAT_COLS} FROM node WHERE parent = ? ORDER BY name", (ino,))
+        return [(r[0], EntryStat(*r[1:])) for r in rows]
+
+    def readlink(self, ino: int) -> str | None:
+        row = self._one("SELECT link FROM node WHERE seq = ?", (ino,))
+        return row[0] if row and row[0] else None
+
+    def file_digest(self, ino: int) -> bytes | None:
+        row = self._one("SELECT digest FROM node WHERE seq = ?", (ino,))
+        return bytes(row[0]) if row and row[0] else None
+
+    def xattrs(self, ino: int) -> dict[str, bytes]:
+        return {k: bytes(v) for k, v in
+                self._all("SELECT name, value FROM xattr WHERE ino = ? ORDER BY name", (ino,))}
+
+    def chunks(self, ino: int, offset: int = 0, end: int | None = None) -> list[ChunkRow]:
+        """The chunks of a regular file that overlap [offset, end) (all when end is None)."""
+        if end is None:
+            end = 2**63 - 1
+        row = self._one("SELECT size, cstart, cend, inner, cdigest, zeros, digest FROM node "
+                        "WHERE seq = ?", (ino,))
+        if row is None or row[0] == 0:
+            return []
+        if row[1]:  # one chunk: the whole file, vouched for by its chunk or file digest
+            return [ChunkRow(0, row[0], row[1], row[2], row[3], bytes(row[4] or row[6]) or None,
+                             bool(row[5]))]
+        rows = self._all(
+            "SELECT foff, size, cstart, cend, inner, digest, zeros FROM chunk "
+            "WHERE ino = ? AND foff < ? AND foff >= coalesce(("
+            "  SELECT max(foff) FROM chunk WHERE ino = ? AND foff <= ?), 0) ORDER BY foff",
+            (ino, end, ino, offset),
+        )
+        return [ChunkRow(r[0], r[1], r[2], r[3], r[4], r[5] or None, bool(r[6])) for r in rows]
+
+    def walk(self) -> Iterator[tuple[str, EntryStat]]:
+        """Every node of the tree (root first, then TOC order of first appearance)."""
+        yield "", self.stat(ROOT_INO)
+        paths: dict[int, str] = {ROOT_INO: ""}
+        cur = self.db.cursor()
+        cur.execute(f"SELECT parent, name, {_STAT_COLS} FROM node WHERE +parent > 0 ORDER BY seq")
+        while True:
+            with self._lock:
+                batch = cur.fetchmany(4096)
+            if not batch:
+                return
+            for row in batch:
+                ppath = paths.get(row[0])
+                if ppath is None:  # cannot happen for an index this module built
+                    raise FormatError(f"{self.path}: index entry {row[1]!r} has no parent")
+                path = ppath + "/" + row[1] if ppath else row[1]
+                s = EntryStat(*row[2:])
+                if st.S_ISDIR(s.mode):
+                    paths[s.ino] = path
+                yield path, s
