@@ -292,3 +292,82 @@ def test_image_from_a_real_registry(mount_overlay: Callable[..., Mounted], plugi
     rows = [row for row in layer_stats(plugin_env).values() if row["name"].startswith(ref.name)]
     assert len(rows) == 3
     assert all(row["failures"] == 0 and row["requests"] > 0 for row in rows)
+
+
+def test_registry_image_without_toc_digests_is_refused(plugin_env: PluginSession, registry: Any) -> None:
+    from crfs_worker.errors import CrfsError
+    from crfs_worker.reference import ImageReference
+    from tests.support.registry import push_image
+
+    ref = ImageReference.parse(f"{registry.host}/plugin/plain-gzip:v1")
+    with registry.client() as client:
+        push_image(client, ref, [plugin_env.image.layers[1].blob.read_bytes()])  # no annotation
+        with pytest.raises(CrfsError, match="no TOC digest"):
+            lowerdir_for(str(ref), runtime=plugin_env.runtime, client=client)
+
+
+# ------------------------------------------------------------------ the worker
+
+
+def test_mount_starts_a_detached_worker(mount_overlay: Callable[..., Mounted], plugin_env: PluginSession) -> None:
+    plugin_env.stop_worker()
+    assert plugin_env.worker_pid() is None
+    # mount_overlay waits for EOF on fuse-overlayfs' stdout and stderr (as podman does):
+    # it returns only because the worker it started kept neither.
+    m = mount_overlay()
+    pid = plugin_env.worker_pid()
+    assert pid is not None
+    for n in (0, 1, 2):
+        assert os.readlink(f"/proc/{pid}/fd/{n}") == "/dev/null"
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert not [t for t in targets if t.startswith(("/dev/pts", "/dev/tty"))]
+    assert os.getsid(pid) != os.getsid(0)  # a session of its own (double fork: not its leader)
+    tty_nr = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[4])
+    assert tty_nr == 0  # no controlling terminal
+    assert (m.merged / "etc/hostname").read_text() == "layer two\n"
+
+
+def test_mount_survives_a_worker_restart(mount_overlay: Callable[..., Mounted], plugin_env: PluginSession) -> None:
+    m = mount_overlay()
+    assert (m.merged / "etc/passwd").read_text().startswith("root:")
+    old = plugin_env.worker_pid()
+    plugin_env.stop_worker()
+    # New opens reconnect, start a new worker and swap the layers' root fds in place.
+    assert (m.merged / "data/small.txt").read_bytes() == (plugin_env.image.expected / "data/small.txt").read_bytes()
+    assert sorted(os.listdir(m.merged / "rename-me/sub")) == ["g"]
+    (m.merged / "var/lib/deep/a/b/after-restart").mkdir()
+    new = plugin_env.worker_pid()
+    assert new is not None and new != old
+
+
+def test_stats_report(mount_overlay: Callable[..., Mounted], plugin_env: PluginSession) -> None:
+    from crfs_worker.worker import format_stats, request_stats
+
+    m = mount_overlay()
+    (m.merged / "etc/motd").read_bytes()
+    rows = request_stats(plugin_env.runtime)
+    assert {"num", "name", "fetched", "cached", "requests", "failures"} <= set(rows[0])
+    text = format_stats(rows)
+    assert text.splitlines()[0].split() == ["LAYER", "FETCHED", "CACHED", "REQUESTS", "VERIFY-FAIL", "NAME"]
+    assert str(plugin_env.image.layers[2].blob) in text
+    assert len(text.splitlines()) == len(rows) + 1
+
+
+def test_corrupted_chunks_are_eio_and_counted(mount_overlay: Callable[..., Mounted], plugin_env: PluginSession,
+                                              tmp_path: Path) -> None:
+    # A blob whose TOC is intact (so it opens) but whose big file's bytes were altered.
+    original = plugin_env.image.layers[0]
+    data = bytearray(original.blob.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    bad = tmp_path / "corrupt.esgz"
+    bad.write_bytes(bytes(data))
+    key = KeyStore(plugin_env.runtime).register(
+        f"corrupt:{bad}", [LayerRecord("file", str(bad), toc_digest=original.toc_digest)])
+    m = mount_overlay(lowerdir=f"//crfs/{key}//")
+    assert (m.merged / "etc/passwd").read_text().startswith("root:")  # untouched files still read
+    with pytest.raises(OSError) as failed:
+        (m.merged / "data/big.bin").read_bytes()
+    assert failed.value.errno == errno.EIO
+    num = os.stat(m.merged / "data").st_ino >> 40
+    assert layer_stats(plugin_env)[num]["failures"] >= 1
