@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from .blob import BlobReader
 from .errors import FormatError, InvalidReferenceError
 from .oci_layout import OCI_PREFIX, OciLayout, OciReference
 from .reference import ImageReference, is_valid_digest
@@ -49,6 +50,10 @@ class ImageStore(Protocol):
         ...
 
     def get_blob(self, digest: str, max_size: int | None = None) -> bytes: ...
+
+    def open_blob(self, digest: str, size: int) -> BlobReader:
+        """Random access to one blob (ranged reads), for reading layers lazily."""
+        ...
 
     def put_blob(self, digest: str, source: Path | bytes) -> None: ...
 
@@ -95,6 +100,9 @@ class RegistryStore:
             raise FormatError(f"{self.name}: blob {digest} has {size} bytes, more than the "
                               f"{max_size} allowed for a manifest or config")
         return self.client.get_blob(self.reference(None), digest)
+
+    def open_blob(self, digest: str, size: int) -> BlobReader:
+        return self.client.blob(self.reference(None), digest, size)
 
     def put_blob(self, digest: str, source: Path | bytes, mount_from: str | None = None) -> None:
         self.client.put_blob(self.reference(None), digest, source, mount_from=mount_from)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .blob import LocalBlob
 from .errors import FormatError, InvalidReferenceError, NotFoundError, VerificationError
 from .reference import check_digest, is_valid_digest
 from .registry import OCI_INDEX, OCI_MANIFEST, Manifest
@@ -177,6 +178,18 @@ class OciLayout:
             raise FormatError(f"{self.name}: blob {digest} has {size} bytes, more than the "
                               f"{max_size} allowed for a manifest or config")
         return b"".join(self.stream_blob(digest))
+
+    def open_blob(self, digest: str, size: int) -> LocalBlob:
+        """Random access to one blob, for lazy layer reads. Not checked whole: the layer
+        view checks the TOC and every chunk it reads."""
+        path = self.blob_path(digest)
+        if not path.is_file():
+            raise NotFoundError(f"{self.name}: no blob {digest}")
+        blob = LocalBlob(path)
+        if blob.size != size:
+            blob.close()
+            raise FormatError(f"{self.name}: blob {digest} has {blob.size} bytes, its descriptor says {size}")
+        return blob
 
     def put_blob(self, digest: str, source: Path | bytes) -> None:
         """Adds a blob (unless present), checking it against `digest`."""
