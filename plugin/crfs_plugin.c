@@ -601,35 +601,41 @@ worker_argv (char *cmd, char **argv, size_t max)
   return 0;
 }
 
+/* Closes every fd from FIRST up. */
 static void
-close_inherited_fds (void)
+close_fds_from (unsigned int first)
 {
 #ifdef SYS_close_range
-  if (syscall (SYS_close_range, 3U, ~0U, 0U) == 0)
+  if (syscall (SYS_close_range, first, ~0U, 0U) == 0)
     return;
 #endif
   {
     long max = sysconf (_SC_OPEN_MAX);
-    int i;
-    for (i = 3; i < (max > 0 ? max : 65536); i++)
-      close (i);
+    long i;
+    for (i = first; i < (max > 0 ? max : 65536); i++)
+      close ((int) i);
   }
 }
 
 /* Detached start: nothing of ours (least of all stderr, which podman waits on) survives
- * into the worker. Everything that allocates happens before fork. */
+ * into the worker. Everything that allocates happens before fork. An exec failure comes
+ * back through a close-on-exec pipe, so a wrong command fails at once, not after the
+ * start timeout. */
 static int
 start_worker (void)
 {
   const char *env = getenv ("CRFS_WORKER_CMD");
   char *cmd = strdup ((env && *env) ? env : CRFS_DEFAULT_WORKER_CMD);
   char *argv[CRFS_MAX_ARGS];
+  int report[2];
+  int child_errno = 0;
   pid_t pid;
   int status;
+  ssize_t n;
 
   if (cmd == NULL)
     return -1;
-  if (worker_argv (cmd, argv, CRFS_MAX_ARGS) < 0)
+  if (worker_argv (cmd, argv, CRFS_MAX_ARGS) < 0 || pipe2 (report, O_CLOEXEC) < 0)
     {
       free (cmd);
       return -1;
@@ -638,12 +644,16 @@ start_worker (void)
   pid = fork ();
   if (pid < 0)
     {
+      int saved = errno;
+      close (report[0]);
+      close (report[1]);
       free (cmd);
+      errno = saved;
       return -1;
     }
   if (pid == 0)
     {
-      int nul;
+      int nul, err;
       sigset_t all;
 
       setsid ();
@@ -655,17 +665,33 @@ start_worker (void)
       dup2 (nul, 0);
       dup2 (nul, 1);
       dup2 (nul, 2);
-      close_inherited_fds ();
+      dup2 (report[1], 3);
+      fcntl (3, F_SETFD, FD_CLOEXEC);
+      close_fds_from (4);
       sigemptyset (&all);
       sigprocmask (SIG_SETMASK, &all, NULL);
       signal (SIGPIPE, SIG_DFL);
       signal (SIGHUP, SIG_DFL);
       execvp (argv[0], argv);
+      err = errno;
+      if (write (3, &err, sizeof (err)) < 0)
+        _exit (127);
       _exit (127);
     }
   free (cmd);
+  close (report[1]);
   while (waitpid (pid, &status, 0) < 0 && errno == EINTR)
     ;
+  /* EOF once the worker's exec succeeded (the pipe is close-on-exec). */
+  do
+    n = read (report[0], &child_errno, sizeof (child_errno));
+  while (n < 0 && errno == EINTR);
+  close (report[0]);
+  if (n == (ssize_t) sizeof (child_errno))
+    {
+      errno = child_errno;
+      return -1;
+    }
   return 0;
 }
 
@@ -713,7 +739,9 @@ connect_locked (void)
         {
           if (start_worker () < 0)
             {
-              fprintf (stderr, "crfs: cannot start the worker: %s\n", strerror (errno));
+              const char *cmd = getenv ("CRFS_WORKER_CMD");
+              fprintf (stderr, "crfs: cannot start the worker '%s': %s\n",
+                       (cmd && *cmd) ? cmd : CRFS_DEFAULT_WORKER_CMD, strerror (errno));
               return -1;
             }
           started = true;

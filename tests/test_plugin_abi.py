@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
@@ -530,3 +531,24 @@ def test_no_leaks_under_valgrind(plugin_session: PluginSession, tmp_path: Path) 
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip() == "ok"
     assert "ERROR SUMMARY: 0 errors" in result.stderr
+
+
+def test_a_worker_command_that_cannot_run_fails_at_once(plugin_session: PluginSession, tmp_path: Path) -> None:
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700)
+    script = textwrap.dedent(f"""
+        import cffi, errno, sys
+        from tests.test_plugin_abi import CDEF
+        ffi = cffi.FFI(); ffi.cdef(CDEF)
+        lib = ffi.dlopen({str(plugin_session.plugin)!r})
+        ds = lib.plugin_load(b"{plugin_session.key}", b"/")
+        ret = ds.num_of_layers(b"{plugin_session.key}", b"/")
+        print(ret, errno.errorcode.get(ffi.errno))
+    """)
+    env = {**os.environ, **plugin_session.env, "CRFS_RUNTIME_DIR": str(runtime),
+           "CRFS_WORKER_CMD": "/nonexistent/crfs-worker --x", "CRFS_WORKER_START_TIMEOUT": "600"}
+    # The 60 s guard only catches a hang: without the exec report the plugin would wait 600 s.
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=str(Path(__file__).resolve().parents[1]))
+    assert result.stdout.split() == ["-1", "EIO"]
+    assert "cannot start the worker '/nonexistent/crfs-worker --x': No such file or directory" in result.stderr
