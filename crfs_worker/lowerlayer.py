@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 
 from .blob import BlobReader, LocalBlob
 from .contentcache import ContentCache
-from .errors import CrfsError, FormatError, NotFoundError, RegistryError, VerificationError
+from .errors import CrfsError, FormatError, NotFoundError, VerificationError
 from .ipc import PROTOCOL_VERSION, RequestFailed
 from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
 
@@ -236,10 +236,15 @@ class LayerTable:
     blob_opener: Callable[[LayerRecord], BlobReader] = field(default_factory=RecordBlobOpener)
     chunk_cache: ChunkCache = field(default_factory=ChunkCache)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
+    _opening: dict[int, threading.Lock] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def get(self, num: int) -> LiveLayer:
-        with self._lock:
+        live = self._live.get(num)
+        if live is not None:
+            return live
+        # Opening may fetch a TOC over the network: only callers of this layer wait for it.
+        with self._opening_lock(num):
             live = self._live.get(num)
             if live is not None:
                 return live
@@ -248,9 +253,14 @@ class LayerTable:
             blob = CountingBlob(self.blob_opener(record), stats)
             layer = self.opener(record, blob, self.index_dir)
             live = LiveLayer(num, record, layer, blob, stats)
-            self._live[num] = live
+            with self._lock:
+                self._live[num] = live
             log.info("opened layer %d: %s", num, record.describe())
             return live
+
+    def _opening_lock(self, num: int) -> threading.Lock:
+        with self._lock:
+            return self._opening.setdefault(num, threading.Lock())
 
     def live_layers(self) -> list[LiveLayer]:
         with self._lock:
