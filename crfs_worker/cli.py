@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator
 
 from .convert import ConvertOptions, convert
 from .dirs import index_dir
@@ -163,7 +163,8 @@ def _layers_of(opened: Image | Layer) -> Iterator[tuple[str, Layer]]:
         yield "", opened
 
 
-def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run_inspect(args: argparse.Namespace) -> int:
+    out = sys.stdout
     with ExitStack() as resources:
         opened = _open_target(args, resources)
         if args.json:
@@ -223,7 +224,7 @@ def run_cat(args: argparse.Namespace) -> int:
         except IsADirectoryError:
             raise CrfsError(f"{args.target}: {args.path}: is a directory") from None
         if not stat_module.S_ISREG(st.mode):
-            kind = "a directory" if stat_module.S_ISDIR(st.mode) else "not a regular file"
+            kind = "is a directory" if stat_module.S_ISDIR(st.mode) else "not a regular file"
             raise CrfsError(f"{args.target}: {args.path}: {kind}")
         out = sys.stdout.buffer
         try:

@@ -25,5 +25,5 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q --upgrade pip setuptools wheel >/dev/null
 .venv/bin/pip install -q -e '.[test]'
