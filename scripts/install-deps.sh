@@ -25,5 +25,11 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip setuptools wheel >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# pip's chatter goes to a log, shown only when it fails.
+log=.venv/crfs-install.log
+if ! { .venv/bin/pip install -q --upgrade pip setuptools wheel && .venv/bin/pip install -q -e '.[test]'; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "install-deps: pip install failed (log above, also in $log)" >&2
+  exit 1
+fi
+echo "crfs installed: $(pwd)/.venv/bin/crfs, plugin $(pwd)/plugin/crfs.so"
