@@ -5,9 +5,16 @@
  *   writes it); it may contain no ':', ',' or '/'. An image KEY expands into its layers,
  *   uppermost first. ABSDIR is kept as the layer's path (for messages) and is not read.
  *
- * Every call is forwarded to the crfs worker over a Unix stream socket: frames are a
- * 4-byte big-endian length and a msgpack map (libmsgpack-c); file descriptors come back
- * with SCM_RIGHTS. The protocol is described in crfs_worker/ipc.py.
+ * The crfs worker answers over a Unix stream socket: frames are a 4-byte big-endian length
+ * and a msgpack map (libmsgpack-c); file descriptors come back with SCM_RIGHTS. The
+ * protocol is described in crfs_worker/ipc.py. Each layer's l->fd is a directory fd on
+ * the worker's read-only FUSE view of that layer. Two shortcuts keep round trips rare:
+ * - metadata (statat, file_exists, xattr names) comes from whole-directory listings,
+ *   fetched once per directory and layer and kept (layers never change);
+ * - opens that fetch nothing (O_NONBLOCK lookups, O_DIRECTORY, O_PATH, opendir) are
+ *   done here with openat2 on l->fd, refusing symlinks and anything outside the layer.
+ *   Opens for reading data go to the worker, which may hand out a verified file from
+ *   its content cache instead.
  *
  * Environment (read by the plugin inside fuse-overlayfs):
  *   CRFS_RUNTIME_DIR   directory of worker.sock; else $XDG_RUNTIME_DIR/crfs; else
