@@ -41,7 +41,10 @@ PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"
 DEFAULT_CHUNK_SIZE = 4 << 20
-DEFAULT_COMPRESSION_LEVEL = 9
+# zlib level 6, not ctr-remote's 9: measured on two 175-220 MB layers, level 6
+# output is still 0.3-2.4% smaller than ctr-remote's (Go's level 9) at 1/4 of its
+# CPU, while zlib's level 9 costs 2-3x more CPU for 0.3-0.5% less size.
+DEFAULT_COMPRESSION_LEVEL = 6
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -49,7 +52,7 @@ _XATTR_PAX_PREFIX = "SCHILY.xattr."
 # Members are handed to the pool in batches of about this many input bytes, so
 # layers of many tiny files do not pay one task per file.
 _BATCH_BYTES = 1 << 20
-_TAR_BUFSIZE = 1 << 20
+_TAR_BUFSIZE = 64 << 10  # tarfile copies its buffer per header read: keep it small
 _COPY_BYTES = 1 << 20
 
 

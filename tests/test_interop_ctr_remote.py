@@ -136,5 +136,5 @@ def test_crfs_writes_the_toc_ctr_remote_writes(interop: Interop,
                 assert desc["annotations"][UNCOMPRESSED_SIZE] == str(len(gzip.decompress(blob)))
             ours_total += len(mine_blob)
             theirs_total += len(their_blob)
-    # Same gzip level (9) as ctr-remote: the output must not be larger.
+    # crfs' default (zlib level 6) must not produce more bytes than ctr-remote's (Go, 9).
     assert ours_total <= theirs_total, (ours_total, theirs_total)
