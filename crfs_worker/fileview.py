@@ -103,6 +103,7 @@ class ViewOperations(pyfuse3.Operations):
         super().__init__()
         self.source = source
         self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(0, "")}
+        self._lookups: dict[int, int] = {}  # the kernel's references, per inode
         self._handles: dict[int, _Node] = {}
         self._listings: dict[int, _Listing] = {}
         self._next_fh = itertools.count(1)
@@ -188,7 +189,7 @@ class ViewOperations(pyfuse3.Operations):
         else:
             node = _Node(parent.num, _join(parent.path, text))
         attr = await self._node_attrs(node)
-        self._nodes.setdefault(attr.st_ino, node)
+        self._remember(attr.st_ino, node)
         return attr
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -213,9 +214,21 @@ class ViewOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return self._meta(self.source.getxattr, node.num, node.path, os.fsdecode(name))
 
+    def _remember(self, ino: int, node: _Node) -> None:
+        """The kernel now holds one more reference to `ino`."""
+        self._nodes.setdefault(ino, node)
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        # Inodes stay mapped: numbers are stable and fds on them may outlive the lookup.
-        return None
+        # The kernel forgets an inode only when nothing (no dentry, no open fd) uses it,
+        # and looks it up again before any later use: the mapping can go.
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+            elif ino != pyfuse3.ROOT_INODE:
+                self._lookups.pop(ino, None)
+                self._nodes.pop(ino, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
@@ -235,9 +248,6 @@ class ViewOperations(pyfuse3.Operations):
         else:
             entries = self._meta(self.source.readdir, node.num, node.path)
         listing = _Listing(node, sorted(entries, key=lambda item: item[0]))
-        for name, st in listing.entries:
-            child = listing.child(name)
-            self._nodes.setdefault(compose_ino(child.num, st.ino), child)
         fh = next(self._next_fh)
         self._listings[fh] = listing
         return fh
@@ -248,9 +258,11 @@ class ViewOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         for index in range(start_id, len(listing.entries)):
             name, st = listing.entries[index]
-            attrs = self._attrs(listing.child(name).num, st)
+            child = listing.child(name)
+            attrs = self._attrs(child.num, st)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 return
+            self._remember(attrs.st_ino, child)  # readdirplus: the kernel took a reference
 
     async def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
