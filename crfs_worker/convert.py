@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -91,6 +91,8 @@ class ConvertResult:
     media_type: str
     reference: str                  # DST as stored (with its tag)
     layers: tuple[ConvertedLayer, ...]  # each distinct layer once
+    # Prioritized files found in no converted layer (the list serves all layers).
+    missing_prioritized: tuple[str, ...] = ()
 
 
 def convert(src: str, dst: str, options: ConvertOptions | None = None,
@@ -106,6 +108,8 @@ def convert(src: str, dst: str, options: ConvertOptions | None = None,
         dest = open_location(dst, client, create=True)
         if dest.target is not None and dest.tag is None:
             raise InvalidReferenceError(f"{dst}: a destination needs a tag, not a digest")
+        # One prioritized list serves every layer: each holds some of the files.
+        options = replace(options, estargz=replace(options.estargz, require_prioritized=False))
         with tempfile.TemporaryDirectory(dir=options.work_dir, prefix="crfs-convert-") as work:
             job = _Conversion(source, dest, options, Path(work))
             return job.run()
@@ -159,6 +163,8 @@ class _Conversion:
         self._options = options
         self._work_dir = work_dir
         self._layers: dict[str, ConvertedLayer] = {}
+        # Starts as every prioritized file; each converted layer removes what it has.
+        self._missing = set(options.estargz.prioritized_files)
 
     def run(self) -> ConvertResult:
         top = self._src.get_manifest(self._source.target)
@@ -178,7 +184,8 @@ class _Conversion:
         digest = self._dst.put_manifest(data, media_type, self._tag)
         reference = self._dest_text if self._dest_text.endswith(f":{self._tag}") else \
             f"{self._dest_text}:{self._tag}"
-        return ConvertResult(digest, media_type, reference, tuple(self._layers.values()))
+        missing = tuple(p for p in self._options.estargz.prioritized_files if p in self._missing)
+        return ConvertResult(digest, media_type, reference, tuple(self._layers.values()), missing)
 
     # --- indexes ---
 
@@ -336,6 +343,8 @@ class _Conversion:
         finally:
             out_path.unlink(missing_ok=True)
         task.finish(f"-> {result.blob_size / 1e6:.1f} MB eStargz")
+        if self._options.estargz.prioritized_files:
+            self._missing &= set(result.missing_prioritized)
         return _converted(desc["digest"], result)
 
 

@@ -13,6 +13,7 @@ so the TOC is assembled last from member indexes.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -67,6 +68,9 @@ class EstargzOptions:
     # Files to put first (with parent dirs), in access order; empty means
     # "no prefetch" (a `.no.prefetch.landmark` first).
     prioritized_files: tuple[str, ...] = ()
+    # False: prioritized files the layer lacks are skipped (and reported in the
+    # result), as when one list serves every layer of an image.
+    require_prioritized: bool = True
     # Compression threads; 1 compresses inline.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Where to spool the tar when reordering for prioritized files.
@@ -89,6 +93,7 @@ class EstargzResult:
     diff_id: str            # sha256 of the uncompressed tar written
     uncompressed_size: int  # size of that tar
     toc_offset: int         # where the TOC's gzip member starts
+    missing_prioritized: tuple[str, ...] = ()  # prioritized files not in this layer
 
 
 def clean_entry_name(name: str) -> str:
@@ -159,21 +164,31 @@ def _is_reserved(info: tarfile.TarInfo) -> bool:
     return clean_entry_name(info.name) in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK)
 
 
-def _prioritized_order(members: list[tarfile.TarInfo], prioritized: tuple[str, ...],
-                       layer: str) -> tuple[list[tarfile.TarInfo], list[tarfile.TarInfo]]:
-    """(prioritized files, each after its parents and hardlink target; the rest
-    in tar order). A later duplicate replaces an earlier one."""
+@dataclass(frozen=True)
+class _Order:
+    first: list[tarfile.TarInfo]   # prioritized files, after their parents and link targets
+    rest: list[tarfile.TarInfo]    # everything else, in tar order
+    missing: tuple[str, ...]       # prioritized paths the layer lacks
+
+
+def _prioritized_order(members: list[tarfile.TarInfo], options: EstargzOptions,
+                       layer: str) -> _Order:
+    """Reorders for prioritized files. A later duplicate replaces an earlier one."""
     by_name: dict[str, tarfile.TarInfo] = {}
     for info in members:
         by_name.pop(clean_entry_name(info.name), None)
         by_name[clean_entry_name(info.name)] = info
     moved: dict[str, tarfile.TarInfo] = {}
-    for path in prioritized:
+    missing = []
+    for path in options.prioritized_files:
         if clean_entry_name(path) not in by_name and clean_entry_name(path) not in moved:
-            raise PrioritizedFileNotFoundError(
-                f"{layer}: prioritized file {path!r} is not in the layer")
+            if options.require_prioritized:
+                raise PrioritizedFileNotFoundError(
+                    f"{layer}: prioritized file {path!r} is not in the layer")
+            missing.append(path)
+            continue
         _move_with_dependencies(clean_entry_name(path), by_name, moved)
-    return list(moved.values()), list(by_name.values())
+    return _Order(list(moved.values()), list(by_name.values()), tuple(missing))
 
 
 def _move_with_dependencies(name: str, source: dict[str, tarfile.TarInfo],
@@ -565,11 +580,12 @@ def _write_prioritized(writer: _EstargzWriter, tar_stream: BinaryIO, options: Es
         spool.seek(0)
         with tarfile.open(fileobj=spool, mode="r:") as tar:
             members = [m for m in tar.getmembers() if not _is_reserved(m)]
-            first, rest = _prioritized_order(members, options.prioritized_files, name)
-            return writer.write(itertools.chain(
-                (_payload_entry(tar, info) for info in first),
+            order = _prioritized_order(members, options, name)
+            result = writer.write(itertools.chain(
+                (_payload_entry(tar, info) for info in order.first),
                 [_landmark(PREFETCH_LANDMARK)],
-                (_payload_entry(tar, info) for info in rest)))
+                (_payload_entry(tar, info) for info in order.rest)))
+            return dataclasses.replace(result, missing_prioritized=order.missing)
 
 
 def convert_file(source: Path, dest: Path, options: EstargzOptions | None = None) -> EstargzResult:

@@ -26,6 +26,7 @@ from tests.support.images import (
     TestLayer,
     build_test_image,
     check_layer_view,
+    estargz_toc,
     push_image,
     read_tar_entries,
     standard_layers,
@@ -177,6 +178,25 @@ def test_estargz_layers_are_copied_as_they_are(layers: list[TestLayer], tmp_path
     again = convert(f"oci:{tmp_path / 'once'}:v1", f"oci:{tmp_path / 'twice'}:v1", options())
     assert [layer.copied for layer in again.layers] == [True] * 3
     assert again.digest == first.digest
+
+
+def test_one_prioritized_list_serves_every_layer(layers: list[TestLayer], tmp_path: Path) -> None:
+    image = build_test_image(tmp_path / "src", layers=layers)
+    wanted = ("bin/busybox", "usr/share/hl/link1", "/data/big.bin", "no/such/file")
+    result = convert(image.reference, f"oci:{tmp_path / 'dst'}", ConvertOptions(
+        progress=QUIET, estargz=EstargzOptions(prioritized_files=wanted)))
+    assert result.missing_prioritized == ("no/such/file",)
+    store = OciLayout(tmp_path / "dst")
+    manifest = json.loads(store.get_manifest(None).data)
+    heads = []
+    for desc in manifest["layers"]:
+        names = [e["name"] for e in estargz_toc(store.get_blob(desc["digest"]))["entries"]
+                 if e["type"] != "chunk"]
+        heads.append(names[:names.index(".prefetch.landmark")])
+    assert heads == [["bin/", "bin/busybox"],
+                     ["usr/", "usr/share/", "usr/share/hl/", "usr/share/hl/original",
+                      "usr/share/hl/link1"],
+                     ["./", "./data/", "./data/big.bin"]]
 
 
 def test_corrupt_source_blob_is_refused_and_nothing_is_tagged(layers: list[TestLayer],

@@ -262,6 +262,16 @@ def test_missing_prioritized_file_is_named(layers: dict[str, TestLayer], tmp_pat
                       EstargzOptions(prioritized_files=("etc", "no/such/file")), name="L1")
 
 
+def test_missing_prioritized_files_can_be_skipped(layers: dict[str, TestLayer]) -> None:
+    out = io.BytesIO()
+    result = write_estargz(io.BytesIO(layers["changes"].tar_path.read_bytes()), out,
+                           EstargzOptions(prioritized_files=("bin/busybox", "run/fifo"),
+                                          require_prioritized=False))
+    assert result.missing_prioritized == ("bin/busybox",)
+    names = [e["name"] for e in parse_estargz(out.getvalue()).toc["entries"]]
+    assert names[:3] == ["run/", "run/fifo", ".prefetch.landmark"]
+
+
 def _tar(*entries: tuple[tarfile.TarInfo, bytes]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -9,9 +9,7 @@ same TOC as ctr-remote's for the same layers (offsets and compression aside).
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +24,13 @@ from crfs_worker.progress import Progress
 from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
 from tests.support.containerd import PrivateContainerd
-from tests.support.images import TestImage, build_test_image, check_layer_view, push_image
+from tests.support.images import (
+    TestImage,
+    build_test_image,
+    check_layer_view,
+    estargz_toc,
+    push_image,
+)
 from tests.support.registry import RunningRegistry
 
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
@@ -88,18 +92,6 @@ def test_crfs_reads_every_file_ctr_remote_wrote(interop: Interop, registry: Runn
                 check_layer_view(view, original.entries)
 
 
-def toc_of(blob: bytes) -> list[dict[str, Any]]:
-    """The TOC entries of an eStargz blob, found through its 51-byte footer."""
-    footer = blob[-51:]
-    assert footer[:4] == b"\x1f\x8b\x08\x04" and footer[10:16] == b"\x1a\x00SG\x16\x00"
-    toc_offset = int(footer[16:32], 16)
-    tar_bytes = gzip.decompress(blob[toc_offset:-51])
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-        (member,) = tar.getmembers()
-        assert member.name == "stargz.index.json"
-        return json.loads(tar.extractfile(member).read())["entries"]  # type: ignore[union-attr]
-
-
 def comparable(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries without what legitimately differs between producers: compressed offsets,
     and user/group names, which are written only when they change (ctr-remote restarts
@@ -131,7 +123,7 @@ def test_crfs_writes_the_toc_ctr_remote_writes(interop: Interop,
             assert set(mine["annotations"]) >= set(reference["annotations"])
             mine_blob = ours_store.get_blob(mine["digest"])
             their_blob = theirs_store.get_blob(reference["digest"])
-            assert comparable(toc_of(mine_blob)) == comparable(toc_of(their_blob))
+            assert comparable(estargz_toc(mine_blob)["entries"]) == comparable(estargz_toc(their_blob)["entries"])
             for desc, blob in ((mine, mine_blob), (reference, their_blob)):
                 assert desc["annotations"][UNCOMPRESSED_SIZE] == str(len(gzip.decompress(blob)))
             ours_total += len(mine_blob)

@@ -37,7 +37,7 @@ import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import zstandard
 
@@ -384,6 +384,18 @@ def read_tar_entries(source: BinaryIO | Path) -> dict[str, ExpectedEntry]:
                 continue
             result[path] = _expected_from(info, tar)
     return result
+
+
+def estargz_toc(blob: bytes) -> dict[str, Any]:
+    """The TOC JSON of an eStargz blob, found through its 51-byte footer (independent
+    of crfs' own footer and TOC code)."""
+    footer = blob[-51:]
+    assert footer[:4] == b"\x1f\x8b\x08\x04" and footer[10:16] == b"\x1a\x00SG\x16\x00"
+    toc_offset = int(footer[16:32], 16)
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob[toc_offset:-51])), mode="r:") as tar:
+        (member,) = tar.getmembers()
+        assert member.name == TOC_TAR_NAME
+        return json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
 
 
 def _expected_from(info: tarfile.TarInfo, tar: tarfile.TarFile) -> ExpectedEntry:
