@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from crfs_worker.blob import LocalBlob
 from crfs_worker.errors import FormatError

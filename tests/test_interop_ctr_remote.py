@@ -17,7 +17,6 @@ from typing import Any, Iterator
 import pytest
 
 from crfs_worker.convert import ConvertOptions, convert
-from crfs_worker.estargz_writer import EstargzOptions
 from crfs_worker.imagestore import RegistryStore
 from crfs_worker.layer import Layer, LayerSource
 from crfs_worker.progress import Progress
