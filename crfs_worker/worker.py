@@ -78,33 +78,74 @@ def _setup_logging(runtime: Path) -> None:
     root.setLevel(logging.INFO)
 
 
-def run(config: WorkerConfig) -> int:
+@dataclass
+class ReadyReport:
+    """Tells whoever started us (crfs.so, through CRFS_WORKER_READY_FD) that we serve, or
+    why we cannot, so a mount fails at once with the reason instead of timing out."""
+
+    fd: int | None
+
+    @classmethod
+    def from_environment(cls) -> "ReadyReport":
+        text = os.environ.pop("CRFS_WORKER_READY_FD", "")
+        if not text.isdigit():
+            return cls(None)
+        fd = int(text)
+        try:
+            os.set_inheritable(fd, False)  # not for fusermount3 or anything else we start
+        except OSError:
+            return cls(None)
+        return cls(fd)
+
+    def send(self, line: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
     """Serves until told to stop or idle; 0 also when another worker already runs."""
-    ensure_private_dir(config.runtime)
+    ready = ready or ReadyReport(None)
+    try:
+        ensure_private_dir(config.runtime)
+    except CrfsError as exc:
+        ready.send(f"error: {exc}")
+        return 1
     lock = _Lock.try_acquire(config.runtime / "worker.lock")
     if lock is None:
+        ready.send("ready")  # another worker serves
         return 0
     _setup_logging(config.runtime)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
-    table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index))
-    view = FileView(table, config.runtime / "view")
+    view: FileView | None = None
     try:
+        table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index))
+        view = FileView(table, config.runtime / "view")
         view.mount()
         service = LowerLayerService(table, view, ContentCache(config.content))
         server = IpcServer(socket_path(config.runtime), service)
         server.start()
         log.info("worker %d serving %s", os.getpid(), server.path)
+        ready.send("ready")
         try:
             _wait(server, view, stop, config.idle_timeout)
         finally:
             server.stop()
-    except CrfsError as exc:
+    except (CrfsError, OSError) as exc:
         log.error("%s", exc)
+        ready.send(f"error: {exc}")
         return 1
     finally:
-        view.unmount()
+        if view is not None:
+            view.unmount()
         lock.release()
         log.info("worker %d stopped", os.getpid())
     return 0
@@ -130,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=600.0,
                         help="exit after this many seconds without clients (default 600)")
     args = parser.parse_args(argv)
+    ready = ReadyReport.from_environment()
     try:
         config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout)
     except CrfsError as exc:
+        ready.send(f"error: {exc}")
         print(f"crfs worker: {exc}", file=sys.stderr)
         return 1
-    return run(config)
+    return run(config, ready)
 
 
 # ---------------------------------------------------------------------------- clients

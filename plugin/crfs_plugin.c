@@ -36,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -624,43 +625,53 @@ close_fds_from (unsigned int first)
   }
 }
 
+extern char **environ;
+
+/* The worker's environment: ours, plus CRFS_WORKER_READY_FD=3. Built before fork. */
+static char **
+worker_environ (void)
+{
+  size_t n = 0, i, j = 0;
+  char **envp;
+
+  while (environ && environ[n])
+    n++;
+  envp = calloc (n + 2, sizeof (*envp));
+  if (envp == NULL)
+    return NULL;
+  for (i = 0; i < n; i++)
+    if (strncmp (environ[i], "CRFS_WORKER_READY_FD=", 21) != 0)
+      envp[j++] = environ[i];
+  envp[j++] = (char *) "CRFS_WORKER_READY_FD=3";
+  envp[j] = NULL;
+  return envp;
+}
+
 /* Detached start: nothing of ours (least of all stderr, which podman waits on) survives
- * into the worker. Everything that allocates happens before fork. An exec failure comes
- * back through a close-on-exec pipe, so a wrong command fails at once, not after the
- * start timeout. */
+ * into the worker, except the write end of a report pipe as fd 3: the worker writes
+ * "ready" or "error: WHY" on it, and an exec failure writes "exec ERRNO". Returns the
+ * read end (or -1). Everything that allocates happens before fork. */
 static int
 start_worker (void)
 {
   const char *env = getenv ("CRFS_WORKER_CMD");
   char *cmd = strdup ((env && *env) ? env : CRFS_DEFAULT_WORKER_CMD);
+  char **envp = worker_environ ();
   char *argv[CRFS_MAX_ARGS];
-  int report[2];
-  int child_errno = 0;
+  int report[2] = { -1, -1 };
   pid_t pid;
-  int status;
-  ssize_t n;
+  int status, saved;
 
-  if (cmd == NULL)
-    return -1;
-  if (worker_argv (cmd, argv, CRFS_MAX_ARGS) < 0 || pipe2 (report, O_CLOEXEC) < 0)
-    {
-      free (cmd);
-      return -1;
-    }
+  if (cmd == NULL || envp == NULL || worker_argv (cmd, argv, CRFS_MAX_ARGS) < 0 || pipe2 (report, O_CLOEXEC) < 0)
+    goto fail;
   trace ("start worker: %s", argv[0]);
   pid = fork ();
   if (pid < 0)
-    {
-      int saved = errno;
-      close (report[0]);
-      close (report[1]);
-      free (cmd);
-      errno = saved;
-      return -1;
-    }
+    goto fail;
   if (pid == 0)
     {
-      int nul, err;
+      char line[32];
+      int nul, len;
       sigset_t all;
 
       setsid ();
@@ -672,34 +683,74 @@ start_worker (void)
       dup2 (nul, 0);
       dup2 (nul, 1);
       dup2 (nul, 2);
-      dup2 (report[1], 3);
-      fcntl (3, F_SETFD, FD_CLOEXEC);
+      dup2 (report[1], 3); /* dup2 clears close-on-exec: the worker keeps fd 3 */
       close_fds_from (4);
       sigemptyset (&all);
       sigprocmask (SIG_SETMASK, &all, NULL);
       signal (SIGPIPE, SIG_DFL);
       signal (SIGHUP, SIG_DFL);
-      execvp (argv[0], argv);
-      err = errno;
-      if (write (3, &err, sizeof (err)) < 0)
+      execvpe (argv[0], argv, envp);
+      len = snprintf (line, sizeof (line), "exec %d\n", errno);
+      if (len > 0 && write (3, line, (size_t) len) < 0)
         _exit (127);
       _exit (127);
     }
   free (cmd);
+  free (envp);
   close (report[1]);
   while (waitpid (pid, &status, 0) < 0 && errno == EINTR)
     ;
-  /* EOF once the worker's exec succeeded (the pipe is close-on-exec). */
-  do
-    n = read (report[0], &child_errno, sizeof (child_errno));
-  while (n < 0 && errno == EINTR);
-  close (report[0]);
-  if (n == (ssize_t) sizeof (child_errno))
+  return report[0];
+
+fail:
+  saved = errno;
+  free (cmd);
+  free (envp);
+  if (report[0] >= 0)
     {
-      errno = child_errno;
+      close (report[0]);
+      close (report[1]);
+    }
+  errno = saved;
+  return -1;
+}
+
+/* Reads the started worker's report, waiting at most WAIT_MS. Returns 1 when it is
+ * ready (or when the report channel closed: the socket will tell), 0 when nothing came
+ * yet, -1 with errno when it could not start (and says why on stderr). */
+static int
+worker_report (int fd, char *buf, size_t size, size_t *used, int wait_ms)
+{
+  struct pollfd p = { fd, POLLIN, 0 };
+  ssize_t n;
+  char *nl;
+
+  if (poll (&p, 1, wait_ms) <= 0)
+    return 0;
+  n = read (fd, buf + *used, size - 1 - *used);
+  if (n < 0)
+    return errno == EINTR ? 0 : 1;
+  *used += (size_t) n;
+  buf[*used] = '\0';
+  nl = strchr (buf, '\n');
+  if (nl == NULL && n > 0 && *used < size - 1)
+    return 0;
+  if (nl)
+    *nl = '\0';
+  if (strncmp (buf, "exec ", 5) == 0)
+    {
+      errno = atoi (buf + 5);
+      if (errno <= 0)
+        errno = ENOEXEC;
       return -1;
     }
-  return 0;
+  if (strncmp (buf, "error: ", 7) == 0)
+    {
+      fprintf (stderr, "crfs: the worker could not start: %s\n", buf + 7);
+      errno = EIO;
+      return -1;
+    }
+  return 1; /* "ready", or EOF: connect */
 }
 
 static double
@@ -708,6 +759,14 @@ monotonic_seconds (void)
   struct timespec ts;
   clock_gettime (CLOCK_MONOTONIC, &ts);
   return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+static void
+report_start_failure (void)
+{
+  const char *cmd = getenv ("CRFS_WORKER_CMD");
+  fprintf (stderr, "crfs: cannot start the worker '%s': %s\n", (cmd && *cmd) ? cmd : CRFS_DEFAULT_WORKER_CMD,
+           strerror (errno));
 }
 
 static int hello_locked (void);
@@ -721,7 +780,9 @@ connect_locked (void)
   double timeout = (timeout_env && *timeout_env) ? atof (timeout_env) : 30.0;
   double deadline;
   bool started = false;
-  int fd;
+  char line[512];
+  size_t used = 0;
+  int fd = -1, report = -1, saved;
 
   if (state.sock >= 0)
     return 0;
@@ -736,34 +797,53 @@ connect_locked (void)
   for (;;)
     {
       if (access (dir, F_OK) == 0 && check_private_dir (dir) < 0)
-        return -1;
-      fd = connect_once (sock_path);
-      if (fd >= 0)
         break;
-      if (errno != ENOENT && errno != ECONNREFUSED)
-        return -1;
+      fd = connect_once (sock_path);
+      if (fd >= 0 || (errno != ENOENT && errno != ECONNREFUSED))
+        break;
       if (! started)
         {
-          if (start_worker () < 0)
+          report = start_worker ();
+          if (report < 0)
             {
-              const char *cmd = getenv ("CRFS_WORKER_CMD");
-              fprintf (stderr, "crfs: cannot start the worker '%s': %s\n",
-                       (cmd && *cmd) ? cmd : CRFS_DEFAULT_WORKER_CMD, strerror (errno));
-              return -1;
+              report_start_failure ();
+              break;
             }
           started = true;
+        }
+      if (report >= 0)
+        {
+          int r = worker_report (report, line, sizeof (line), &used, 20);
+          if (r < 0)
+            {
+              if (errno != EIO)
+                report_start_failure ();
+              break;
+            }
+          if (r > 0)
+            {
+              close (report);
+              report = -1;
+            }
+        }
+      else
+        {
+          struct timespec pause = { 0, 20 * 1000 * 1000 };
+          nanosleep (&pause, NULL);
         }
       if (monotonic_seconds () > deadline)
         {
           fprintf (stderr, "crfs: no worker answered at %s (set CRFS_WORKER_CMD?)\n", sock_path);
           errno = ETIMEDOUT;
-          return -1;
+          break;
         }
-      {
-        struct timespec pause = { 0, 20 * 1000 * 1000 };
-        nanosleep (&pause, NULL);
-      }
     }
+  saved = errno;
+  if (report >= 0)
+    close (report);
+  errno = saved;
+  if (fd < 0)
+    return -1;
   state.sock = fd;
   if (hello_locked () < 0)
     {

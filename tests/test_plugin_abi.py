@@ -533,22 +533,43 @@ def test_no_leaks_under_valgrind(plugin_session: PluginSession, tmp_path: Path) 
     assert "ERROR SUMMARY: 0 errors" in result.stderr
 
 
+def _load_in_subprocess(session: PluginSession, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    script = textwrap.dedent(f"""
+        import cffi, errno
+        from tests.test_plugin_abi import CDEF
+        ffi = cffi.FFI(); ffi.cdef(CDEF)
+        lib = ffi.dlopen({str(session.plugin)!r})
+        ds = lib.plugin_load(b"{session.key}", b"/")
+        ret = ds.num_of_layers(b"{session.key}", b"/")
+        print(ret, errno.errorcode.get(ffi.errno))
+    """)
+    # The 60 s guard only catches a hang: without the worker's report the plugin would
+    # wait for CRFS_WORKER_START_TIMEOUT (600 s here).
+    return subprocess.run([sys.executable, "-c", script], env={**os.environ, **session.env, **env},
+                          capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+
+
 def test_a_worker_command_that_cannot_run_fails_at_once(plugin_session: PluginSession, tmp_path: Path) -> None:
     runtime = tmp_path / "rt"
     runtime.mkdir(mode=0o700)
-    script = textwrap.dedent(f"""
-        import cffi, errno, sys
-        from tests.test_plugin_abi import CDEF
-        ffi = cffi.FFI(); ffi.cdef(CDEF)
-        lib = ffi.dlopen({str(plugin_session.plugin)!r})
-        ds = lib.plugin_load(b"{plugin_session.key}", b"/")
-        ret = ds.num_of_layers(b"{plugin_session.key}", b"/")
-        print(ret, errno.errorcode.get(ffi.errno))
-    """)
-    env = {**os.environ, **plugin_session.env, "CRFS_RUNTIME_DIR": str(runtime),
-           "CRFS_WORKER_CMD": "/nonexistent/crfs-worker --x", "CRFS_WORKER_START_TIMEOUT": "600"}
-    # The 60 s guard only catches a hang: without the exec report the plugin would wait 600 s.
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=60, cwd=str(Path(__file__).resolve().parents[1]))
+    result = _load_in_subprocess(plugin_session, {
+        "CRFS_RUNTIME_DIR": str(runtime), "CRFS_WORKER_CMD": "/nonexistent/crfs-worker --x",
+        "CRFS_WORKER_START_TIMEOUT": "600"})
     assert result.stdout.split() == ["-1", "EIO"]
     assert "cannot start the worker '/nonexistent/crfs-worker --x': No such file or directory" in result.stderr
+
+
+def test_a_worker_that_cannot_start_says_why(plugin_session: PluginSession, tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a directory another user owns")
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700)
+    foreign = tmp_path / "foreign-cache"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)  # a cache another user could have filled
+    result = _load_in_subprocess(plugin_session, {
+        "CRFS_RUNTIME_DIR": str(runtime), "CRFS_CACHE_DIR": str(foreign), "CRFS_WORKER_START_TIMEOUT": "600"})
+    assert result.stdout.split() == ["-1", "EIO"]
+    assert "the worker could not start:" in result.stderr
+    assert f"{foreign}: owned by uid 65534" in result.stderr
