@@ -29,7 +29,9 @@ import calendar
 import codecs
 import hashlib
 import json
+import queue
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -172,6 +174,10 @@ def _refuse_float(s: str) -> Any:
 # ------------------------------------------------------------------------ the TOC bytes
 
 
+_END = object()
+_LOW_WATER = 65536  # refill the parse buffer when less than this is left
+
+
 class _BlobRange:
     """File-like reader of `[start, end)` of a blob, in pieces, hashing what it reads."""
 
@@ -229,9 +235,54 @@ class TocSource:
         return self.footer.format == "zstd:chunked"
 
     def pieces(self) -> Iterator[bytes]:
+        """The uncompressed TOC JSON, read and decompressed ahead by a background thread."""
         if self._gen is None:
-            self._gen = self._guarded(self._zstd() if self.footer.is_zstd else self._gzip_tar())
+            inner = self._zstd() if self.footer.is_zstd else self._gzip_tar()
+            self._gen = self._guarded(self._background(inner))
         return self._gen
+
+    def close(self) -> None:
+        """Stop reading (ends the background reader thread)."""
+        if self._gen is not None:
+            self._gen.close()
+
+    def _background(self, gen: Iterator[bytes]) -> Iterator[bytes]:
+        # zlib, zstd and hashlib release the GIL: decompressing and hashing the next
+        # pieces overlaps with the JSON parse of this one.
+        q: queue.Queue = queue.Queue(maxsize=8)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def run() -> None:
+            try:
+                for piece in gen:
+                    if not put(piece):
+                        return
+                put(_END)
+            except BaseException as e:  # handed to the consumer, which raises it
+                put(e)
+
+        t = threading.Thread(target=run, name="crfs-toc-reader", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join()
 
     def _guarded(self, gen: Iterator[bytes]) -> Iterator[bytes]:
         try:
@@ -258,7 +309,9 @@ class TocSource:
         return "sha256:" + self._plain.hexdigest()
 
     def compressed_digest(self) -> str:
-        """sha256 of the compressed TOC bytes (reads the rest of them)."""
+        """sha256 of the compressed TOC bytes (reads the rest of them; ends `pieces()`)."""
+        if self._gen is not None:
+            self._gen.close()  # stops the reader thread before this thread reads the blob
         self._raw.drain()
         return "sha256:" + self._compressed.hexdigest()
 
@@ -581,7 +634,16 @@ class TocParser:
         scan = self._scan
         sep = _SEPARATOR.match
         s, pos = self._s, self._pos
+        low = len(s) - _LOW_WATER
         while True:
+            if pos > low and not self._eof:
+                # Top the buffer up before an entry can straddle its end: a failed scan
+                # costs a JSONDecodeError, which counts the lines of the whole buffer.
+                self._pos = pos
+                self._more()
+                s, pos = self._s, self._pos
+                low = len(s) - _LOW_WATER
+                continue
             # Fast path: a whole entry and the separator after it are in the buffer.
             try:
                 d, end = scan(s, pos)
@@ -606,6 +668,7 @@ class TocParser:
                     raise FormatError(f"{self.name}: TOC is not valid JSON: expected ',' or ']' "
                                       f"after entry #{self.count}")
                 s = self._s
+                low = len(s) - _LOW_WATER
                 nxt = self._pos
             else:
                 nxt = m.end()
@@ -618,8 +681,7 @@ class TocParser:
             yield e
             if m is False:
                 return
-            # The generator may have been suspended: re-read the buffer state.
-            s, pos = self._s, nxt
+            pos = nxt
 
     # -- one entry
 
