@@ -39,14 +39,19 @@ Semantics (the tar's truth, as extraction would make it):
 """
 from __future__ import annotations
 
+import gc
+import os
+import pickle
 import sqlite3
 import stat as st
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from .errors import FormatError
+from .errors import CrfsError, FormatError
 from .toc import TocEntry
 
 SCHEMA_VERSION = 1
@@ -117,22 +122,196 @@ class ChunkRow:
     zeros: bool
 
 
+_INSERT_NODE = "INSERT INTO node VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_CHUNK = "INSERT INTO chunk VALUES (?,?,?,?,?,?,?,?)"
+_INSERT_XATTR = "INSERT OR REPLACE INTO xattr VALUES (?,?,?)"
+
+# After this many entries the rows go to a writer process: SQLite's per-row work then runs
+# beside the JSON parse on the second core (threads cannot: the sqlite3 module takes the
+# GIL back for every row). Small TOCs never start one.
+PARALLEL_AFTER = 50_000
+
+
+def _open_build_db(path: str, create: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for pragma in ("journal_mode=MEMORY", "synchronous=OFF", "locking_mode=EXCLUSIVE",
+                   "temp_store=FILE", "cache_size=-32768"):
+        db.execute("PRAGMA " + pragma)
+    if create:
+        db.execute("PRAGMA page_size=16384")
+        db.executescript(_SCHEMA)
+    db.execute("BEGIN")
+    return db
+
+
+def _insert_nodes(db: sqlite3.Connection, rows: list[list], dropped: dict, name: str) -> None:
+    """Insert rows (in seq order); a name already present is a duplicate: the later wins.
+
+    The earlier row is unlinked (parent = -seq) and remembered in `dropped`.
+    """
+    start = 0
+    while True:
+        try:
+            db.executemany(_INSERT_NODE, rows if start == 0 else rows[start:])
+            return
+        except sqlite3.IntegrityError:
+            pass
+        # Rows before the failing one went in (each row is its own statement).
+        last = db.execute("SELECT max(seq) FROM node").fetchone()[0] or 0
+        while rows[start][0] <= last:
+            start += 1
+        row = rows[start]
+        old = db.execute("SELECT seq FROM node WHERE parent = ? AND name = ?",
+                         (row[1], row[2])).fetchone()
+        if old is None:  # not a name clash: a real constraint failure
+            raise FormatError(f"{name}: cannot index TOC entry {row[2]!r}")
+        db.execute("UPDATE node SET parent = -seq WHERE seq = ?", (old[0],))
+        dropped.setdefault((row[1], row[2]), []).append(old[0])
+
+
+class _InlineWriter:
+    """Writes rows with the builder's own connection."""
+
+    def __init__(self, db: sqlite3.Connection, name: str) -> None:
+        self.db, self.name = db, name
+        self.dropped: dict[tuple[int, str], list[int]] = {}
+
+    def write(self, nodes: list, chunks: list, xattrs: list) -> None:
+        if nodes:
+            _insert_nodes(self.db, nodes, self.dropped, self.name)
+        if chunks:
+            self.db.executemany(_INSERT_CHUNK, chunks)
+        if xattrs:
+            self.db.executemany(_INSERT_XATTR, xattrs)
+
+    def close(self) -> dict:
+        return self.dropped
+
+    def kill(self) -> None:
+        pass
+
+
+def _read_frame(f: Any) -> Any:
+    head = f.read(8)
+    if len(head) != 8:
+        raise EOFError("index writer pipe closed")
+    n = int.from_bytes(head, "little")
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError("index writer pipe closed")
+    return pickle.loads(data)
+
+
+def _write_frame(f: Any, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(len(data).to_bytes(8, "little"))
+    f.write(data)
+    f.flush()
+
+
+def _writer_main() -> None:
+    """Writer process (`python -c`): argv = [path, layer name]; rows in on stdin, the
+    dropped-names map (or an error) out on stdout."""
+    gc.disable()
+    path, name = sys.argv[1], sys.argv[2]
+    out = sys.stdout.buffer
+    try:
+        db = _open_build_db(path, create=False)
+        writer = _InlineWriter(db, name)
+        inp = sys.stdin.buffer
+        while True:
+            msg = _read_frame(inp)
+            if msg is None:
+                break
+            writer.write(*msg)
+        db.execute("COMMIT")
+        db.close()
+        _write_frame(out, ("ok", writer.dropped))
+    except BaseException as e:  # reported to the builder, which raises it
+        try:
+            _write_frame(out, ("error", isinstance(e, FormatError), f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        sys.exit(1)
+
+
+class _ProcessWriter:
+    """Sends rows to a writer process over a pipe (a plain subprocess: no fork of a
+    threaded parent, no re-import of its __main__)."""
+
+    def __init__(self, path: str, name: str) -> None:
+        pkg_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from crfs_worker.index import _writer_main; _writer_main()",
+             path, name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        self.name = name
+
+    def write(self, nodes: list, chunks: list, xattrs: list) -> None:
+        try:
+            _write_frame(self.proc.stdin, (nodes, chunks, xattrs))
+        except OSError:
+            self._fail()
+
+    def _fail(self) -> None:
+        msg = None
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            msg = _read_frame(self.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        self.kill()
+        if msg and msg[0] == "error":
+            raise (FormatError if msg[1] else CrfsError)(f"{self.name}: index writer: {msg[2]}")
+        raise CrfsError(f"{self.name}: index writer process failed")
+
+    def close(self) -> dict:
+        try:
+            _write_frame(self.proc.stdin, None)
+            self.proc.stdin.close()
+            msg = _read_frame(self.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            self._fail()
+            raise AssertionError("unreachable") from None
+        if msg[0] != "ok":
+            self.kill()
+            raise (FormatError if msg[1] else CrfsError)(f"{self.name}: index writer: {msg[2]}")
+        self.proc.wait()
+        self.proc.stdout.close()
+        return msg[1]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f:
+                    f.close()
+            except OSError:
+                pass
+
+
 class IndexBuilder:
     """Writes the index of one TOC into `path` (a fresh file). Feed `add()`, then `finish()`."""
 
-    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int) -> None:
+    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int,
+                 parallel: bool = True) -> None:
         self.path = Path(path)
         self.name = name
         self.fmt = fmt
         self.zstd_chunked = fmt == "zstd:chunked"
         self.payload_end = payload_end
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.db = db
-        for pragma in ("journal_mode=MEMORY", "synchronous=OFF", "locking_mode=EXCLUSIVE",
-                       "temp_store=FILE", "cache_size=-32768", "page_size=8192"):
-            db.execute("PRAGMA " + pragma)
-        db.executescript(_SCHEMA)
-        db.execute("BEGIN")
+        self.parallel = parallel
+        self.db: sqlite3.Connection | None = _open_build_db(str(self.path), create=True)
+        self.writer: _InlineWriter | _ProcessWriter = _InlineWriter(self.db, name)
         self.seq = ROOT_INO
         # path -> [ino, mode (perm bits), uid, gid, mtime_ns, subdirs, attributes changed]
         self.dirs: dict[str, list[int]] = {"": [ROOT_INO, 0o755, 0, 0, 0, 0, 1]}
@@ -334,55 +513,34 @@ class IndexBuilder:
 
     def _flush(self, final: bool = False) -> None:
         """Write the buffered rows, except those still waiting for a compressed end."""
-        db = self.db
         rows = self.rows
-        if rows:
-            cut = len(rows)
-            if not final and self.pending:
-                for k, r in enumerate(rows):
-                    if r[_CSTART] and not r[_CEND]:
-                        cut = k
-                        break
-            self._insert_nodes(rows[:cut] if cut < len(rows) else rows)
-            self.rows = rows[cut:]
+        ncut = len(rows)
         crows = self.chunk_rows
-        if crows:
-            cut = len(crows)
-            if not final and self.pending:
-                for k, r in enumerate(crows):
-                    if not r[4]:
-                        cut = k
-                        break
-            db.executemany("INSERT INTO chunk VALUES (?,?,?,?,?,?,?,?)",
-                           crows[:cut] if cut < len(crows) else crows)
-            self.chunk_rows = crows[cut:]
-        if self.xattr_rows:
-            db.executemany("INSERT OR REPLACE INTO xattr VALUES (?,?,?)", self.xattr_rows)
-            self.xattr_rows = []
-
-    _INSERT = "INSERT INTO node VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-
-    def _insert_nodes(self, rows: list[list]) -> None:
-        """Insert rows (in seq order); a name already present is a duplicate: the later wins."""
-        db = self.db
-        start = 0
-        while True:
+        ccut = len(crows)
+        if not final and self.pending:
+            for k, r in enumerate(rows):
+                if r[_CSTART] and not r[_CEND]:
+                    ncut = k
+                    break
+            for k, r in enumerate(crows):
+                if not r[4]:
+                    ccut = k
+                    break
+        self.writer.write(rows[:ncut], crows[:ccut], self.xattr_rows)
+        self.rows = rows[ncut:]
+        self.chunk_rows = crows[ccut:]
+        self.xattr_rows = []
+        if (self.parallel and self.db is not None and not final and sys.executable
+                and self.entries >= PARALLEL_AFTER):
+            # Large TOC: hand the file to a writer process from here on.
+            self.db.execute("COMMIT")
+            self.db.close()
+            self.db = None
             try:
-                db.executemany(self._INSERT, rows if start == 0 else rows[start:])
-                return
-            except sqlite3.IntegrityError:
-                pass
-            # Rows before the failing one went in (each row is its own statement).
-            last = db.execute("SELECT max(seq) FROM node").fetchone()[0] or 0
-            while rows[start][0] <= last:
-                start += 1
-            row = rows[start]
-            old = db.execute("SELECT seq FROM node WHERE parent = ? AND name = ?",
-                             (row[1], row[2])).fetchone()
-            if old is None:  # not a name clash: a real constraint failure
-                raise FormatError(f"{self.name}: cannot index TOC entry {row[2]!r}")
-            db.execute("UPDATE node SET parent = -seq WHERE seq = ?", (old[0],))
-            self.dropped.setdefault((row[1], row[2]), []).append(old[0])
+                self.writer = _ProcessWriter(str(self.path), self.name)
+            except OSError:  # no interpreter to start: carry on in this process
+                self.db = _open_build_db(str(self.path), create=False)
+                self.writer = _InlineWriter(self.db, self.name)
 
     # ---------------------------------------------------------------- finishing
 
@@ -396,6 +554,9 @@ class IndexBuilder:
             row[i + 1] = self.payload_end
         self.pending = []
         self._flush(final=True)
+        self.dropped = self.writer.close()
+        if self.db is None:
+            self.db = _open_build_db(str(self.path), create=False)
         db = self.db
         # Directories: final attributes and link counts (2 + subdirectories).
         db.executemany(
@@ -462,8 +623,10 @@ class IndexBuilder:
         db.executemany("UPDATE node SET nlink = ? WHERE seq = ?", sorted(updates, key=lambda u: u[1]))
 
     def abort(self) -> None:
+        self.writer.kill()
         try:
-            self.db.close()
+            if self.db is not None:
+                self.db.close()
         except sqlite3.Error:
             pass
 
