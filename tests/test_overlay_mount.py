@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -370,3 +371,32 @@ def test_corrupted_chunks_are_eio_and_counted(mount_overlay: Callable[..., Mount
     assert failed.value.errno == errno.EIO
     num = os.stat(m.merged / "data").st_ino >> 40
     assert layer_stats(plugin_env)[num]["failures"] >= 1
+
+
+def test_concurrent_mounts_share_one_worker(mount_overlay: Callable[..., Mounted], plugin_env: PluginSession) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    plugin_env.stop_worker()
+    # Each fuse-overlayfs finds no worker and starts one; the lock lets one serve them all.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        mounts = list(pool.map(lambda i: mount_overlay(name=f"c{i}"), range(3)))
+    pid = plugin_env.worker_pid()
+    assert pid is not None
+    # Workers that lost the race report "ready" and exit; wait for them (a hang guard).
+    for _ in range(600):
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_crfs_worker(int(p), plugin_env)]
+        if workers == [pid]:
+            break
+        time.sleep(0.05)
+    assert workers == [pid]
+    for m in mounts:
+        assert (m.merged / "etc/motd").read_text() == "top layer\n"
+
+
+def _is_crfs_worker(pid: int, session: PluginSession) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"crfs_worker.worker" in cmdline and f"CRFS_RUNTIME_DIR={session.runtime}".encode() in environ
