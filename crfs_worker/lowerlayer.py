@@ -19,6 +19,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -434,8 +435,9 @@ class LowerLayerService:
         if not isinstance(key, str):
             raise RequestFailed(errno.EINVAL, "missing key")
         nums = self.table.keys.layer_numbers(key)
-        for num in nums:
-            self.table.get(num)  # open (and verify) every layer now, while the mount waits
+        # Open (and verify) every layer now, while the mount waits; TOC fetches overlap.
+        with ThreadPoolExecutor(max_workers=min(4, len(nums))) as pool:
+            list(pool.map(self.table.get, nums))
         return {"layers": nums}, None
 
     def _root(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
