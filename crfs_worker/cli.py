@@ -19,6 +19,8 @@ from .estargz_writer import EstargzOptions
 from .blob import LocalBlob
 from .image import Image, open_image
 from .layer import EntryStat, Layer, LayerSource
+from .layerkeys import lowerdir_for
+from . import worker
 
 MAX_SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 CAT_ATOMIC_LIMIT = 64 << 20         # files up to this size are verified whole before any output
@@ -79,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("path")
     _add_layer_options(cat)
     cat.set_defaults(run=run_cat)
+
+    low = sub.add_parser("lowerdir", help="print the fuse-overlayfs lowerdir entry for an image",
+                         description="Registers the image with the worker and prints //crfs/KEY// "
+                                     "for `fuse-overlayfs -o plugins=.../crfs.so,lowerdir=...`")
+    low.add_argument("ref", metavar="REF")
+    low.add_argument("--allow-unverified", action="store_true",
+                     help="accept content nothing vouches for (legacy stargz TOCs)")
+    low.set_defaults(run=run_lowerdir)
+
+    stats = sub.add_parser("stats", help="per-layer counters of the running worker")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=run_stats)
+
+    # Listed for --help; main() hands `crfs worker ...` to the worker's own parser.
+    sub.add_parser("worker", help="run the worker in the foreground (crfs worker --help)")
     return parser
 
 
@@ -245,9 +262,25 @@ def _single_layer_resolver(layer: Layer) -> Callable[[str], tuple[Layer, str]]:
     return resolve
 
 
+# ---------------------------------------------------------------- worker
+
+def run_lowerdir(args: argparse.Namespace) -> int:
+    print(lowerdir_for(args.ref, allow_unverified=args.allow_unverified))
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    rows = worker.request_stats()
+    print(json.dumps(rows, indent=1) if args.json else worker.format_stats(rows))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
