@@ -220,6 +220,7 @@ class Layer:
             tmp.unlink(missing_ok=True)
             raise
         finally:
+            toc.close()
             if gc_was_enabled:
                 gc.enable()
         return cls(source, Index(final, blob.name), footer, digest, verified=verified)
@@ -231,6 +232,12 @@ class Layer:
 
         With `cause` (the parse failed), only a digest mismatch is raised, chained to it.
         """
+        actual = None
+        if not toc.digest_is_compressed:
+            actual = toc.digest()  # before compressed_digest(), which ends the TOC stream
+            if plain is not None and actual is not None and actual != plain:
+                raise VerificationError(
+                    f"{name}: TOC does not match its digest {plain} (got {actual})") from cause
         if compressed is not None or toc.digest_is_compressed:
             actual_c = toc.compressed_digest()
             if compressed is not None and actual_c != compressed:
@@ -239,10 +246,6 @@ class Layer:
                     f"(got {actual_c})") from cause
             if toc.digest_is_compressed:
                 return actual_c
-        actual = toc.digest()
-        if plain is not None and actual is not None and actual != plain:
-            raise VerificationError(
-                f"{name}: TOC does not match its digest {plain} (got {actual})") from cause
         if actual is None and cause is None:
             raise FormatError(f"{name}: TOC could not be read")
         return actual
@@ -396,7 +399,8 @@ class Layer:
                 else:
                     data = self._inflate(raw, chunk.inner, chunk.size)
             except (zlib.error, zstandard.ZstdError, ValueError) as e:
-                what = f"{self.name}: {chunk.path}: chunk at file offset {chunk.offset} does not decode: {e}"
+                scope = "file" if chunk.parts else f"chunk at file offset {chunk.offset}"
+                what = f"{self.name}: {chunk.path}: {scope} does not decode: {e}"
                 if chunk.digest is not None:
                     raise VerificationError(what) from None
                 raise FormatError(what) from None

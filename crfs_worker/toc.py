@@ -405,6 +405,10 @@ class TocSource:
                         raise FormatError(f"{self.name}: TOC tar entry is truncated")
                     left -= len(piece)
                     yield self._emit(piece)
+                # Decode the rest of the member (tar padding and end blocks, bounded) so
+                # that its CRC is checked: every byte of the TOC member is accounted for.
+                while src.read_some(self.OUT_PIECE) is not None:
+                    pass
                 return
             # Some other entry before the TOC: skip it (bounded by the member's size limit).
             if src.skip(padded) is False:
