@@ -1,6 +1,6 @@
 """Tar stream -> eStargz blob.
 
-Layout written (see docs and /work/shared/reference/image-formats.md):
+Layout written (stargz-snapshotter's docs/estargz.md, as ctr-remote writes it):
 every non-empty regular file's payload, and every further chunk of a big file,
 starts a new gzip member; tar headers and padding ride in the member before.
 The TOC (`stargz.index.json`) is the last tar entry, alone in its own member
@@ -247,6 +247,7 @@ class GzipMemberWriter:
         self._batch: list[list[bytes]] = []
         self._batch_bytes = 0
         self._current: list[bytes] = []
+        self._current_bytes = 0
         self._current_index = 0
         self.offsets: list[int] = []
         self.compressed_size = 0
@@ -258,7 +259,8 @@ class GzipMemberWriter:
         """Ends the current member (unless still empty); returns the new one's index."""
         if self._current:
             self._batch.append(self._current)
-            self._current = []
+            self._batch_bytes += self._current_bytes
+            self._current, self._current_bytes = [], 0
             self._current_index += 1
             if self._batch_bytes >= _BATCH_BYTES:
                 self._submit_batch()
@@ -267,7 +269,7 @@ class GzipMemberWriter:
     def write(self, data: bytes) -> None:
         if data:
             self._current.append(data)
-            self._batch_bytes += len(data)
+            self._current_bytes += len(data)
             self.diff_hash.update(data)
             self.uncompressed_size += len(data)
 
