@@ -60,6 +60,7 @@ _STALE_ANNOTATION_PREFIXES = ("io.github.containers.zstd-chunked.", "io.containe
 # BuildKit attaches provenance/SBOM "attestation manifests" to indexes; their
 # layers are in-toto JSON, not tars, so they are copied, not converted.
 _REFERENCE_TYPE_ANNOTATION = "vnd.docker.reference.type"
+_REFERENCE_DIGEST_ANNOTATION = "vnd.docker.reference.digest"
 
 
 class ConversionError(CrfsError):
@@ -194,17 +195,30 @@ class _Conversion:
         children = document.get("manifests")
         if not isinstance(children, list):
             raise FormatError(f"{name}: index has no manifests list")
-        converted = []
-        for number, value in enumerate(children):
-            child = _descriptor(value, f"{name}: index entry {number}")
-            converted.append(self._convert_child(child, f"{name}: {_platform_text(child)}"))
+        descriptors = [_descriptor(value, f"{name}: index entry {number}")
+                       for number, value in enumerate(children)]
+        new_digests: dict[str, str] = {}
+        converted: list[dict[str, Any] | None] = [None] * len(descriptors)
+        for number, child in enumerate(descriptors):
+            if not _is_attestation(child):
+                converted[number] = self._convert_child(child, f"{name}: {_platform_text(child)}")
+                new_digests[child["digest"]] = converted[number]["digest"]  # type: ignore[index]
+        for number, child in enumerate(descriptors):
+            if _is_attestation(child):
+                converted[number] = self._copy_attestation(child, new_digests, name)
         return _dump_json({**document, "manifests": converted})
 
+    def _copy_attestation(self, child: dict[str, Any], new_digests: dict[str, str],
+                          name: str) -> dict[str, Any]:
+        """Attestations are copied; the image they describe now has a new digest."""
+        self._copy_manifest_as_is(child, f"{name}: attestation {child['digest']}")
+        annotations = dict(child.get("annotations") or {})
+        subject = annotations.get(_REFERENCE_DIGEST_ANNOTATION)
+        if subject in new_digests:
+            annotations[_REFERENCE_DIGEST_ANNOTATION] = new_digests[subject]
+        return {**child, "annotations": annotations}
+
     def _convert_child(self, child: dict[str, Any], name: str) -> dict[str, Any]:
-        annotations = child.get("annotations") or {}
-        if _REFERENCE_TYPE_ANNOTATION in annotations:
-            self._copy_manifest_as_is(child, name)
-            return child
         manifest = self._src.get_manifest(child["digest"])
         if manifest.media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
             data, media_type = self._convert_index(manifest, name), manifest.media_type
@@ -251,6 +265,9 @@ class _Conversion:
     # --- manifests ---
 
     def _convert_manifest(self, manifest: Manifest, name: str) -> tuple[bytes, str]:
+        if manifest.media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+            raise ConversionError(f"{name}: unsupported manifest media type "
+                                  f"{manifest.media_type!r}")
         document = _load_json(manifest.data, f"{name}: manifest")
         docker = manifest.media_type == DOCKER_MANIFEST
         config_desc = _descriptor(document.get("config"), f"{name}: config")
@@ -366,6 +383,10 @@ class _Counting:
         data = self._inner.read(size)
         self._task.advance(len(data))
         return data
+
+
+def _is_attestation(descriptor: dict[str, Any]) -> bool:
+    return _REFERENCE_TYPE_ANNOTATION in (descriptor.get("annotations") or {})
 
 
 def _platform_text(descriptor: dict[str, Any]) -> str:

@@ -155,6 +155,42 @@ def test_multi_platform_index_converted_whole(layers: list[TestLayer], tmp_path:
                               tmp_path / platform_image.platform.replace("/", "-"))
 
 
+def test_attestations_are_copied_and_follow_their_image(layers: list[TestLayer],
+                                                        tmp_path: Path) -> None:
+    image = build_test_image(tmp_path / "src", layers=layers,
+                             platforms=("linux/amd64", "linux/arm64"))
+    layout = OciLayout(image.layout)
+    statement = b'{"_type": "https://in-toto.io/Statement/v0.1"}'
+    statement_digest = "sha256:" + hashlib.sha256(statement).hexdigest()
+    layout.put_blob(statement_digest, statement)
+    empty_config = b"{}"
+    layout.put_blob("sha256:" + hashlib.sha256(empty_config).hexdigest(), empty_config)
+    attestation = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + hashlib.sha256(empty_config).hexdigest(), "size": 2},
+        "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": statement_digest,
+                    "size": len(statement)}]}).encode()
+    attestation_digest = layout.put_manifest(attestation, "application/vnd.oci.image.manifest.v1+json",
+                                             None)
+    index = json.loads(layout.get_blob(image.digest))
+    amd64 = image.images[0].manifest_digest
+    index["manifests"].append({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": attestation_digest,
+        "size": len(attestation), "platform": {"os": "unknown", "architecture": "unknown"},
+        "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                        "vnd.docker.reference.digest": amd64}})
+    layout.put_manifest(json.dumps(index).encode(), index["mediaType"], "attested")
+
+    convert(f"oci:{image.layout}:attested", f"oci:{tmp_path / 'dst'}:v1", options())
+    store = OciLayout(tmp_path / "dst")
+    converted = json.loads(store.get_manifest("v1").data)["manifests"]
+    assert converted[2]["digest"] == attestation_digest
+    assert store.get_blob(statement_digest) == statement
+    assert converted[2]["annotations"]["vnd.docker.reference.digest"] == converted[0]["digest"]
+    assert converted[0]["digest"] != amd64
+
+
 def test_docker_manifest_list_with_platform_filter(layers: list[TestLayer],
                                                    tmp_path: Path) -> None:
     image = build_test_image(tmp_path / "src", layers=layers, flavour="docker",
