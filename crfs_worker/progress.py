@@ -48,7 +48,8 @@ class ProgressTask:
         width = shutil.get_terminal_size((80, 20)).columns
         text = f"{self.label} {amount} {rate} {note}".rstrip()
         if self.total:
-            bar_width = max(width - len(text) - 4, 0)
+            # The bar keeps its width when a note appears at the end.
+            bar_width = min(30, max(width - len(f"{self.label} {amount} {rate}") - 24, 0))
             filled = min(bar_width, bar_width * self.done // self.total)
             if bar_width >= 10:
                 text = f"{self.label} [{'#' * filled}{'.' * (bar_width - filled)}] " \
