@@ -117,6 +117,8 @@ def run_convert(args: argparse.Namespace) -> int:
         platform=args.platform,
     )
     result = convert(args.src, args.dst, options)
+    for path in result.missing_prioritized:
+        print(f"crfs: warning: --prioritize: {path}: in no layer of {args.src}", file=sys.stderr)
     converted = sum(1 for layer in result.layers if not layer.copied)
     print(f"{result.reference}@{result.digest} ({converted} layer(s) converted, "
           f"{len(result.layers) - converted} copied)")
