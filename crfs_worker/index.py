@@ -126,19 +126,19 @@ _INSERT_NODE = "INSERT INTO node VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _INSERT_CHUNK = "INSERT INTO chunk VALUES (?,?,?,?,?,?,?,?)"
 _INSERT_XATTR = "INSERT OR REPLACE INTO xattr VALUES (?,?,?)"
 
-# After this many entries the rows go to a writer process: SQLite's per-row work then runs
-# beside the JSON parse on the second core (threads cannot: the sqlite3 module takes the
-# GIL back for every row). Small TOCs never start one.
-PARALLEL_AFTER = 50_000
-
+# TOCs with more JSON than this are indexed by a builder process: the index work (Python
+# rows, SQLite inserts) then runs beside the JSON parse on the second core. Threads cannot
+# do that: the sqlite3 module takes the GIL back for every row.
+PROCESS_BUILD_MIN_JSON = 16 << 20
 
 def _open_build_db(path: str, create: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if create:  # before cache_size: a KiB cache size is turned into pages of the current size
+        db.execute("PRAGMA page_size=16384")
     for pragma in ("journal_mode=MEMORY", "synchronous=OFF", "locking_mode=EXCLUSIVE",
                    "temp_store=FILE", "cache_size=-32768"):
         db.execute("PRAGMA " + pragma)
     if create:
-        db.execute("PRAGMA page_size=16384")
         db.executescript(_SCHEMA)
     db.execute("BEGIN")
     return db
@@ -169,149 +169,16 @@ def _insert_nodes(db: sqlite3.Connection, rows: list[list], dropped: dict, name:
         dropped.setdefault((row[1], row[2]), []).append(old[0])
 
 
-class _InlineWriter:
-    """Writes rows with the builder's own connection."""
-
-    def __init__(self, db: sqlite3.Connection, name: str) -> None:
-        self.db, self.name = db, name
-        self.dropped: dict[tuple[int, str], list[int]] = {}
-
-    def write(self, nodes: list, chunks: list, xattrs: list) -> None:
-        if nodes:
-            _insert_nodes(self.db, nodes, self.dropped, self.name)
-        if chunks:
-            self.db.executemany(_INSERT_CHUNK, chunks)
-        if xattrs:
-            self.db.executemany(_INSERT_XATTR, xattrs)
-
-    def close(self) -> dict:
-        return self.dropped
-
-    def kill(self) -> None:
-        pass
-
-
-def _read_frame(f: Any) -> Any:
-    head = f.read(8)
-    if len(head) != 8:
-        raise EOFError("index writer pipe closed")
-    n = int.from_bytes(head, "little")
-    data = f.read(n)
-    if len(data) != n:
-        raise EOFError("index writer pipe closed")
-    return pickle.loads(data)
-
-
-def _write_frame(f: Any, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(len(data).to_bytes(8, "little"))
-    f.write(data)
-    f.flush()
-
-
-def _writer_main() -> None:
-    """Writer process (`python -c`): argv = [path, layer name]; rows in on stdin, the
-    dropped-names map (or an error) out on stdout."""
-    gc.disable()
-    path, name = sys.argv[1], sys.argv[2]
-    out = sys.stdout.buffer
-    try:
-        db = _open_build_db(path, create=False)
-        writer = _InlineWriter(db, name)
-        inp = sys.stdin.buffer
-        while True:
-            msg = _read_frame(inp)
-            if msg is None:
-                break
-            writer.write(*msg)
-        db.execute("COMMIT")
-        db.close()
-        _write_frame(out, ("ok", writer.dropped))
-    except BaseException as e:  # reported to the builder, which raises it
-        try:
-            _write_frame(out, ("error", isinstance(e, FormatError), f"{type(e).__name__}: {e}"))
-        except OSError:
-            pass
-        sys.exit(1)
-
-
-class _ProcessWriter:
-    """Sends rows to a writer process over a pipe (a plain subprocess: no fork of a
-    threaded parent, no re-import of its __main__)."""
-
-    def __init__(self, path: str, name: str) -> None:
-        pkg_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from crfs_worker.index import _writer_main; _writer_main()",
-             path, name],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
-        )
-        self.name = name
-
-    def write(self, nodes: list, chunks: list, xattrs: list) -> None:
-        try:
-            _write_frame(self.proc.stdin, (nodes, chunks, xattrs))
-        except OSError:
-            self._fail()
-
-    def _fail(self) -> None:
-        msg = None
-        try:
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            msg = _read_frame(self.proc.stdout)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            pass
-        self.kill()
-        if msg and msg[0] == "error":
-            raise (FormatError if msg[1] else CrfsError)(f"{self.name}: index writer: {msg[2]}")
-        raise CrfsError(f"{self.name}: index writer process failed")
-
-    def close(self) -> dict:
-        try:
-            _write_frame(self.proc.stdin, None)
-            self.proc.stdin.close()
-            msg = _read_frame(self.proc.stdout)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            self._fail()
-            raise AssertionError("unreachable") from None
-        if msg[0] != "ok":
-            self.kill()
-            raise (FormatError if msg[1] else CrfsError)(f"{self.name}: index writer: {msg[2]}")
-        self.proc.wait()
-        self.proc.stdout.close()
-        return msg[1]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                if f:
-                    f.close()
-            except OSError:
-                pass
-
-
 class IndexBuilder:
     """Writes the index of one TOC into `path` (a fresh file). Feed `add()`, then `finish()`."""
 
-    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int,
-                 parallel: bool = True) -> None:
+    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int) -> None:
         self.path = Path(path)
         self.name = name
         self.fmt = fmt
         self.zstd_chunked = fmt == "zstd:chunked"
         self.payload_end = payload_end
-        self.parallel = parallel
-        self.db: sqlite3.Connection | None = _open_build_db(str(self.path), create=True)
-        self.writer: _InlineWriter | _ProcessWriter = _InlineWriter(self.db, name)
+        self.db = _open_build_db(str(self.path), create=True)
         self.seq = ROOT_INO
         # path -> [ino, mode (perm bits), uid, gid, mtime_ns, subdirs, attributes changed]
         self.dirs: dict[str, list[int]] = {"": [ROOT_INO, 0o755, 0, 0, 0, 0, 1]}
@@ -347,12 +214,12 @@ class IndexBuilder:
          end_offset, inner, coff, csize, cdigest, zeros) = e
         self.entries += 1
         if typ == "chunk":
-            self._chunk(e)
+            self._chunk(e if type(e) is TocEntry else TocEntry._make(e))
             return
         if self.cur is not None:
             self._close_file()
         if name == "":  # the root itself: attributes only
-            self._dir_again(self.dirs[""], e)
+            self._dir_again(self.dirs[""], TocEntry._make(e))
             return
         parent, _, base = name.rpartition("/")
         dirs = self.dirs
@@ -394,7 +261,7 @@ class IndexBuilder:
         elif typ == "dir":
             d = dirs.get(name)
             if d is not None:  # again: later attributes win, children stay
-                self._dir_again(d, e)
+                self._dir_again(d, TocEntry._make(e))
                 return
             self.seq = seq
             dirs[name] = [seq, mode, uid, gid, mtime, 0, 0]
@@ -526,21 +393,15 @@ class IndexBuilder:
                 if not r[4]:
                     ccut = k
                     break
-        self.writer.write(rows[:ncut], crows[:ccut], self.xattr_rows)
+        if ncut:
+            _insert_nodes(self.db, rows[:ncut] if ncut < len(rows) else rows, self.dropped, self.name)
+        if ccut:
+            self.db.executemany(_INSERT_CHUNK, crows[:ccut] if ccut < len(crows) else crows)
+        if self.xattr_rows:
+            self.db.executemany(_INSERT_XATTR, self.xattr_rows)
         self.rows = rows[ncut:]
         self.chunk_rows = crows[ccut:]
         self.xattr_rows = []
-        if (self.parallel and self.db is not None and not final and sys.executable
-                and self.entries >= PARALLEL_AFTER):
-            # Large TOC: hand the file to a writer process from here on.
-            self.db.execute("COMMIT")
-            self.db.close()
-            self.db = None
-            try:
-                self.writer = _ProcessWriter(str(self.path), self.name)
-            except OSError:  # no interpreter to start: carry on in this process
-                self.db = _open_build_db(str(self.path), create=False)
-                self.writer = _InlineWriter(self.db, self.name)
 
     # ---------------------------------------------------------------- finishing
 
@@ -554,9 +415,6 @@ class IndexBuilder:
             row[i + 1] = self.payload_end
         self.pending = []
         self._flush(final=True)
-        self.dropped = self.writer.close()
-        if self.db is None:
-            self.db = _open_build_db(str(self.path), create=False)
         db = self.db
         # Directories: final attributes and link counts (2 + subdirectories).
         db.executemany(
@@ -623,12 +481,153 @@ class IndexBuilder:
         db.executemany("UPDATE node SET nlink = ? WHERE seq = ?", sorted(updates, key=lambda u: u[1]))
 
     def abort(self) -> None:
-        self.writer.kill()
         try:
-            if self.db is not None:
-                self.db.close()
+            self.db.close()
         except sqlite3.Error:
             pass
+
+
+def _read_frame(f: Any) -> Any:
+    head = f.read(8)
+    if len(head) != 8:
+        raise EOFError("index builder pipe closed")
+    n = int.from_bytes(head, "little")
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError("index builder pipe closed")
+    return pickle.loads(data)
+
+
+def _write_frame(f: Any, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(len(data).to_bytes(8, "little"))
+    f.write(data)
+    f.flush()
+
+
+def _builder_main() -> None:
+    """Builder process (`python -c`): argv = [path, layer name, format, payload end].
+
+    Reads frames of entry tuples from stdin, then ("finish", meta); answers ("ok",) or
+    ("error", is_format_error, message) on stdout.
+    """
+    gc.disable()
+    path, name, fmt, payload_end = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    out = sys.stdout.buffer
+    builder = None
+    try:
+        builder = IndexBuilder(Path(path), name=name, fmt=fmt, payload_end=payload_end)
+        inp = sys.stdin.buffer
+        while True:
+            kind, payload = _read_frame(inp)
+            if kind == "add":
+                builder.add_all(payload)
+            else:
+                builder.finish(payload)
+                builder = None
+                break
+        _write_frame(out, ("ok",))
+    except BaseException as e:  # reported to the parent, which raises it
+        if builder is not None:
+            builder.abort()
+        try:
+            _write_frame(out, ("error", isinstance(e, FormatError), str(e)))
+        except OSError:
+            pass
+        sys.exit(1)
+
+
+class ProcessIndexBuilder:
+    """IndexBuilder's interface, with the builder in a child process fed with entries.
+
+    A plain subprocess (no fork of a threaded parent, no re-import of its __main__);
+    entries travel as plain tuples in pickled batches over a pipe.
+    """
+
+    BATCH = 20000
+
+    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int) -> None:
+        pkg_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.name = name
+        self.entries = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from crfs_worker.index import _builder_main; _builder_main()",
+             str(path), name, fmt, str(payload_end)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+
+    def add_all(self, entries: Iterable[TocEntry]) -> None:
+        batch: list[tuple] = []
+        append = batch.append
+        n = self.BATCH
+        for e in entries:
+            append(tuple(e))
+            if len(batch) >= n:
+                self._send(("add", batch))
+                self.entries += len(batch)
+                batch = []
+                append = batch.append
+        if batch:
+            self._send(("add", batch))
+            self.entries += len(batch)
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            _write_frame(self.proc.stdin, msg)
+        except OSError:
+            self._fail()
+
+    def _fail(self) -> None:
+        msg = None
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            msg = _read_frame(self.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        self.abort()
+        if msg and msg[0] == "error":
+            raise (FormatError if msg[1] else CrfsError)(msg[2])
+        raise CrfsError(f"{self.name}: the index builder process failed")
+
+    def finish(self, meta: dict[str, object]) -> None:
+        self._send(("finish", meta))
+        try:
+            self.proc.stdin.close()
+            msg = _read_frame(self.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            self._fail()
+            return
+        if msg[0] != "ok":
+            self.abort()
+            raise (FormatError if msg[1] else CrfsError)(msg[2])
+        self.proc.wait()
+        self.proc.stdout.close()
+
+    def abort(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def make_builder(path: Path, *, name: str, fmt: str, payload_end: int,
+                 json_size: int | None) -> IndexBuilder | ProcessIndexBuilder:
+    """A builder process for large TOCs (when one can be started), else one in-process."""
+    if json_size is not None and json_size >= PROCESS_BUILD_MIN_JSON and sys.executable:
+        try:
+            return ProcessIndexBuilder(path, name=name, fmt=fmt, payload_end=payload_end)
+        except OSError:
+            pass
+    return IndexBuilder(path, name=name, fmt=fmt, payload_end=payload_end)
 
 
 # ------------------------------------------------------------------------ reading

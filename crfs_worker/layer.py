@@ -24,6 +24,7 @@ import errno
 import gc
 import hashlib
 import io
+import itertools
 import os
 import re
 import stat as st
@@ -45,7 +46,7 @@ from .footer import (
     Footer,
     read_footer,
 )
-from .index import ChunkRow, EntryStat, Index, IndexBuilder
+from .index import ChunkRow, EntryStat, Index, make_builder
 from .toc import TocLimits, TocParser, TocSource, normalize_name
 
 __all__ = ["Chunk", "EntryStat", "Layer", "LayerSource"]
@@ -116,7 +117,6 @@ class Layer:
         self.verified = verified
         self.allow_unverified = source.allow_unverified
         self._lock = threading.RLock()
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
 
     # ------------------------------------------------------------------ opening
 
@@ -193,11 +193,14 @@ class Layer:
         gc.disable()
         try:
             tmp.unlink()
-            builder = IndexBuilder(tmp, name=blob.name, fmt=footer.format,
-                                   payload_end=footer.payload_end)
-            parser = TocParser(toc.pieces(), name=blob.name, payload_end=footer.payload_end,
-                               limits=limits)
             try:
+                pieces = toc.pieces()
+                first = next(pieces, b"")
+                # Large TOCs are indexed by a builder process (see index.make_builder).
+                builder = make_builder(tmp, name=blob.name, fmt=footer.format,
+                                       payload_end=footer.payload_end, json_size=toc.json_size)
+                parser = TocParser(itertools.chain((first,), pieces), name=blob.name,
+                                   payload_end=footer.payload_end, limits=limits)
                 builder.add_all(parser.entries())
             except FormatError as e:
                 # A tampered TOC is reported as such, not as whatever it broke.
@@ -362,7 +365,10 @@ class Layer:
     def _inflate(self, raw: bytes, inner: int, size: int) -> bytes:
         want = inner + size
         if self.footer.is_zstd:
-            reader = self._dctx.stream_reader(io.BytesIO(raw), read_across_frames=False)
+            # A decompressor per call: they must not be shared between threads, and
+            # decode_chunk is called from the worker's threads concurrently.
+            dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+            reader = dctx.stream_reader(io.BytesIO(raw), read_across_frames=False)
             parts, got = [], 0
             while got < want:
                 piece = reader.read(want - got)

@@ -223,6 +223,9 @@ class TocSource:
         self._gen: Iterator[bytes] | None = None
         self.plain_bytes = 0
         self.failed = False   # the stream itself was refused (bomb, bad gzip/zstd, no TOC entry)
+        # Size of the TOC JSON: known from the footer (zstd) or, for gzip formats, once the
+        # first piece has arrived (from the TOC's tar header).
+        self.json_size: int | None = footer.toc_uncompressed_length if footer.is_zstd else None
         if footer.is_zstd and footer.toc_uncompressed_length is not None:
             if footer.toc_uncompressed_length > self.limits.max_toc_bytes:
                 raise FormatError(
@@ -398,6 +401,7 @@ class TocSource:
             if typeflag in (b"0", b"\0") and name.lstrip("./") == TOC_TAR_NAME or name == TOC_TAR_NAME:
                 if size > self.limits.max_toc_bytes:
                     raise self._bomb()
+                self.json_size = size
                 left = size
                 while left:
                     piece = src.read_some(min(left, self.OUT_PIECE))

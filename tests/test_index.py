@@ -13,9 +13,10 @@ from crfs_worker.toc import TocEntry as E
 D1, D2 = b"\x01" * 32, b"\x02" * 32
 
 
-def build(tmp_path, entries, fmt="estargz", payload_end=10**6, parallel=False, name="i") -> Index:
+def build(tmp_path, entries, fmt="estargz", payload_end=10**6, process=False, name="i") -> Index:
     p = tmp_path / f"{name}.sqlite"
-    b = IndexBuilder(p, name="layer", fmt=fmt, payload_end=payload_end, parallel=parallel)
+    cls = index_mod.ProcessIndexBuilder if process else IndexBuilder
+    b = cls(p, name="layer", fmt=fmt, payload_end=payload_end)
     try:
         b.add_all(entries)
         b.finish({"format": fmt})
@@ -210,41 +211,37 @@ def _many(n: int) -> list[E]:
     return out
 
 
-def test_writer_process_gives_the_same_index(tmp_path, monkeypatch):
+def test_builder_process_gives_the_same_index(tmp_path, monkeypatch):
     entries = _many(400)
     inline = build(tmp_path, entries, name="inline")
-    monkeypatch.setattr(index_mod, "PARALLEL_AFTER", 20)
-    monkeypatch.setattr(index_mod, "BATCH", 16)
-    started = []
-    real = index_mod._ProcessWriter.__init__
-
-    def spy(self, *a):
-        started.append(a)
-        real(self, *a)
-
-    monkeypatch.setattr(index_mod._ProcessWriter, "__init__", spy)
-    parallel = build(tmp_path, entries, parallel=True, name="parallel")
-    assert started, "the writer process was not used"
-    assert tree(inline) == tree(parallel)
+    monkeypatch.setattr(index_mod.ProcessIndexBuilder, "BATCH", 16)
+    other = build(tmp_path, entries, process=True, name="process")
+    assert tree(inline) == tree(other)
     for p, _ in inline.walk():
         ino = inline.lookup(p)[0]
-        assert inline.chunks(ino) == parallel.chunks(ino)
+        assert inline.chunks(ino) == other.chunks(ino)
 
 
-def test_writer_process_errors_reach_the_builder(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_mod, "PARALLEL_AFTER", 5)
-    monkeypatch.setattr(index_mod, "BATCH", 8)
-    entries = _many(30) + [E("zz", "hardlink", link_name="nothing")]
-    with pytest.raises(FormatError, match="missing"):
-        build(tmp_path, entries, parallel=True)
-    # the builder's abort() ends a running writer process
-    b = IndexBuilder(tmp_path / "x.sqlite", name="l", fmt="estargz", payload_end=10**6)
+def test_builder_process_errors_reach_the_parent(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_mod.ProcessIndexBuilder, "BATCH", 8)
+    with pytest.raises(FormatError, match="missing"):        # raised at finish
+        build(tmp_path, _many(30) + [E("zz", "hardlink", link_name="nothing")], process=True)
+    bad = [E("c", "chunk", offset=5)] + _many(3000)           # raised on a later send
+    with pytest.raises(FormatError, match="does not follow"):
+        build(tmp_path, bad, process=True, name="j")
+    b = index_mod.ProcessIndexBuilder(tmp_path / "x.sqlite", name="l", fmt="estargz", payload_end=10**6)
     b.add_all(_many(30))
-    b._flush()
-    assert isinstance(b.writer, index_mod._ProcessWriter)
-    proc = b.writer.proc
+    proc = b.proc
     b.abort()
     assert proc.poll() is not None
+
+
+def test_make_builder_picks_by_toc_size(tmp_path):
+    small = index_mod.make_builder(tmp_path / "a", name="l", fmt="estargz", payload_end=9, json_size=1000)
+    big = index_mod.make_builder(tmp_path / "b", name="l", fmt="estargz", payload_end=9, json_size=1 << 30)
+    assert isinstance(small, IndexBuilder) and isinstance(big, index_mod.ProcessIndexBuilder)
+    small.abort()
+    big.abort()
 
 
 def test_index_rejects_foreign_files(tmp_path):

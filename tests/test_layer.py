@@ -149,6 +149,22 @@ def test_metadata(fmt):
     assert len(inos) == len(walked) - 1
 
 
+@pytest.mark.parametrize("fmt", ["estargz", "zstd:chunked"])
+def test_concurrent_reads_from_threads(fmt):
+    from concurrent.futures import ThreadPoolExecutor
+
+    b = blob_for(fmt)
+    layer = shared_layer(fmt)
+    jobs = [(p, o) for p in sorted(b.files) for o in (0, 1000, 70_000)] * 4
+
+    def one(job):
+        p, o = job
+        return layer.read(p, o, 50_000) == b.files[p][o:o + 50_000]
+
+    with ThreadPoolExecutor(8) as ex:
+        assert all(ex.map(one, jobs))
+
+
 def test_zeros_chunks_need_no_fetch():
     layer = shared_layer("zstd:chunked")
     chunks = layer.chunks_for("holes.bin", 0, 10**6)
