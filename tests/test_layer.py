@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import random
 import stat
 import time
@@ -272,6 +271,14 @@ def test_wrong_toc_digest_is_a_verification_error(tmp_path):
         Layer.open(LayerSource(MemBlob(b.data), "md5:1234", {}), tmp_path)
 
 
+def test_zstd_chunked_with_the_older_annotation_keys(tmp_path):
+    b = blobgen.zstd_chunked(SPECS, chunk_size=16 << 10, old_keys=True)
+    assert all(k.startswith("io.containers.") for k in b.annotations)
+    layer = Layer.open(LayerSource(MemBlob(b.data), None, b.annotations), tmp_path)
+    assert layer.format == "zstd:chunked" and layer.verified
+    assert layer.read("big.bin", 5, 100_000) == b.files["big.bin"][5:100_005]
+
+
 def test_annotation_supplies_the_digest(tmp_path):
     b = blob_for("zstd:chunked")
     layer = Layer.open(LayerSource(MemBlob(b.data), None, b.annotations), tmp_path)
@@ -391,11 +398,6 @@ def test_chunk_range_past_the_blob_end_is_refused(tmp_path):
 # ------------------------------------------------------------------ scale (slow)
 
 
-def _slow_selected(config) -> bool:
-    expr = config.getoption("-m") or ""
-    return os.environ.get("CRFS_SLOW_TESTS") == "1" or ("slow" in expr and "not slow" not in expr)
-
-
 def _scale(tmp_path, entries: int) -> tuple[float, float, Layer]:
     import importlib.util
     spec = importlib.util.spec_from_file_location(
@@ -423,9 +425,8 @@ def test_scale_200k_entries(tmp_path):
 
 
 @pytest.mark.slow
-def test_scale_1m_entries(tmp_path, request):
-    """The target: 1,000,000 entries index in <= 10 s (generous bound here: CI is shared)."""
-    if not _slow_selected(request.config):
-        pytest.skip("slow: run with -m slow or CRFS_SLOW_TESTS=1")
+def test_scale_1m_entries(tmp_path):
+    """The target is <= 10 s for 1,000,000 entries (bench/index_load.py measures it); the
+    bound here is generous because CI machines are shared. About 25 s with generation."""
     build, cached, _ = _scale(tmp_path, 1_000_000)
-    assert cached < 1.0 and build < 30.0, (build, cached)
+    assert cached < 1.0 and build < 60.0, (build, cached)

@@ -339,3 +339,26 @@ def test_truncated_and_garbage_toc_members():
 def test_parse_toc_bytes_helper():
     assert parse_toc_bytes(b'{"version": 1, "entries": [{"name": "a", "type": "fifo"}]}') == [
         TocEntry("a", "fifo")]
+
+
+def test_toc_tar_entry_behind_pax_and_other_entries():
+    import io
+    import tarfile
+    from crfs_worker.footer import estargz_footer
+
+    payload = b'{"version": 1, "entries": [{"name": "a", "type": "dir"}]}'
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        other = tarfile.TarInfo("unrelated.txt")
+        other.size = 3
+        tf.addfile(other, io.BytesIO(b"abc"))
+        ti = tarfile.TarInfo("stargz.index.json")
+        ti.size = len(payload)
+        ti.pax_headers = {"comment": "ünïcode makes a PAX header"}
+        tf.addfile(ti, io.BytesIO(payload))
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    member = z.compress(buf.getvalue()) + z.flush()
+    data = b"\0" * 10 + member + estargz_footer(10)
+    blob = MemBlob(data)
+    src = TocSource(blob, read_footer(blob))
+    assert b"".join(src.pieces()) == payload and src.json_size == len(payload)
