@@ -176,6 +176,7 @@ def _refuse_float(s: str) -> Any:
 
 _END = object()
 _LOW_WATER = 65536  # refill the parse buffer when less than this is left
+_REFILL = 256 * 1024  # and then with at least this much
 
 
 class _BlobRange:
@@ -359,7 +360,16 @@ class TocSource:
             while not d.eof:
                 data = d.unconsumed_tail or self._raw.read()
                 if not data:
-                    raise FormatError(f"{self.name}: TOC gzip member is truncated")
+                    # Input is exhausted, but inflate may still hold output (a match copy
+                    # cut short by the output bound): drain it before calling it truncated.
+                    out = d.decompress(b"", self.OUT_PIECE)
+                    if not out:
+                        raise FormatError(f"{self.name}: TOC gzip member is truncated")
+                    total += len(out)
+                    if total > limit:
+                        raise self._bomb()
+                    yield out
+                    continue
                 out = d.decompress(data, self.OUT_PIECE)
                 total += len(out)
                 if total > limit:
@@ -542,16 +552,20 @@ class TocParser:
         """Append the next piece to the text buffer (dropping what was consumed)."""
         if self._eof:
             return False
-        piece = next(self._it, None)
+        # Gather a good amount at once: each refill copies the unconsumed rest of the buffer.
+        texts, got = [], 0
         try:
-            if piece is None:
-                text = self._dec.decode(b"", True)
-                self._eof = True
-            else:
-                text = self._dec.decode(piece)
+            while got < _REFILL:
+                piece = next(self._it, None)
+                if piece is None:
+                    texts.append(self._dec.decode(b"", True))
+                    self._eof = True
+                    break
+                texts.append(self._dec.decode(piece))
+                got += len(piece)
         except UnicodeDecodeError as e:
             raise FormatError(f"{self.name}: TOC is not valid UTF-8: {e.reason}") from None
-        self._s = self._s[self._pos:] + text
+        self._s = self._s[self._pos:] + "".join(texts)
         self._pos = 0
         return True
 
