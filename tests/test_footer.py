@@ -31,7 +31,7 @@ offsets = st.integers(min_value=0, max_value=2**40)
 def test_estargz_footer_bytes_match_the_reference_layout():
     f = estargz_footer(0x1234)
     assert len(f) == ESTARGZ_FOOTER_SIZE
-    assert f[:10] == bytes.fromhex("1f8b0804000000000 0ff".replace(" ", ""))
+    assert f[:10] == bytes.fromhex("1f8b08040000000000ff")
     assert f[10:12] == b"\x1a\x00" and f[12:14] == b"SG" and f[14:16] == b"\x16\x00"
     assert f[16:38] == b"0000000000001234STARGZ"
     assert f[38:] == bytes.fromhex("010000ffff") + b"\0" * 8
@@ -48,13 +48,11 @@ def test_stargz_footer_bytes_match_the_reference_layout():
 @given(off=offsets, pad=st.binary(max_size=100))
 def test_gzip_footers_round_trip(off, pad):
     for enc, fmt, size in ((estargz_footer, "estargz", 51), (stargz_footer, "stargz", 47)):
-        blob = b"\0" * off if off < 4096 else None
         blob_size = off + len(pad) + size + 1
         tail = (pad + enc(off))[-72:]
         f = parse_footer(tail, blob_size)
         assert (f.format, f.footer_size, f.toc_offset) == (fmt, size, off)
         assert f.toc_length == blob_size - size - off
-        del blob
 
 
 @given(off=st.integers(8, 2**40), clen=st.integers(1, 2**30), ulen=st.integers(0, 2**30),

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import base64
-import calendar
+import datetime
 import json
 import zlib
 
 import pytest
-import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,10 +70,7 @@ def entry(draw):
             d[key] = exp[field] = draw(uint32)
     secs = draw(st.integers(0, 4_000_000_000))
     nanos = draw(st.sampled_from([0, 1, 500_000_000, 123_456_789]))
-    t = calendar.timegm
-    del t
-    import datetime as _dt
-    base = _dt.datetime.fromtimestamp(secs, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    base = datetime.datetime.fromtimestamp(secs, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     d["modtime"] = base + (f".{nanos:09d}" if nanos else "") + "Z"
     exp["mtime_ns"] = secs * 10**9 + nanos
     if typ == "reg":
@@ -326,14 +322,12 @@ def test_truncated_and_garbage_toc_members():
     blob = MemBlob(good[:10] + good[10:30] + good[-51:])  # member cut short, footer kept
     with pytest.raises(FormatError):
         b"".join(TocSource(blob, read_footer(blob)).pieces())
-    cz = zstandard.ZstdCompressor().compress(b'{"version": 1}')
     b = blobgen.zstd_chunked([blobgen.reg("a", b"x")])
     data = bytearray(b.data)
     f = read_footer(MemBlob(b.data), b.annotations)
     data[f.toc_offset:f.toc_offset + 4] = b"XXXX"  # not a zstd frame any more
     with pytest.raises(FormatError, match="zstd"):
         b"".join(TocSource(MemBlob(bytes(data)), f).pieces())
-    del cz
 
 
 def test_parse_toc_bytes_helper():
