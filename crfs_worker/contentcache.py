@@ -2,20 +2,25 @@
 
 One file per digest (`sha256-HEX`), shared by every layer and image that holds the same
 bytes. Files are 0600 in a 0700 directory owned by the user, and reach their final name
-only after their digest was checked, so a name is a promise about its bytes.
+only after their digest was checked, so a name is a promise about its bytes. As in the
+chunk store, a file is hashed again the first time it is used after a worker start, and
+checked cheaply (owner, mode, size, unchanged since verified) on every use.
+
+Files that are a single chunk are served from the chunk store itself; this cache holds the
+small files the worker assembled from several chunks.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .chunkstore import VerifiedFiles
 from .dirs import cache_dir, ensure_private_dir
 from .errors import CrfsError, VerificationError
 
@@ -36,6 +41,7 @@ class ContentCache:
     _locks: tuple[threading.Lock, ...] = field(
         default_factory=lambda: tuple(threading.Lock() for _ in range(64)), init=False, repr=False
     )
+    _verified: VerifiedFiles = field(default_factory=VerifiedFiles, init=False, repr=False)
 
     def __post_init__(self) -> None:
         ensure_private_dir(self.root)
@@ -57,10 +63,16 @@ class ContentCache:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        st = os.fstat(fd)
-        # A file we did not write (wrong owner, open to others, wrong size) is not trusted.
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size != size:
+        # A file we did not write (wrong owner, open to others, wrong size) or whose bytes
+        # changed is not trusted.
+        try:
+            good = self._verified.check(bytes.fromhex(digest[7:]), fd, size)
+        except BaseException:
             os.close(fd)
+            raise
+        if not good:
+            os.close(fd)
+            self._verified.forget(bytes.fromhex(digest[7:]))
             os.unlink(path)
             return None
         return fd
@@ -84,6 +96,7 @@ class ContentCache:
             while view:
                 view = view[os.write(fd, view):]
             os.replace(tmp, final)
+            self._verified.remember(bytes.fromhex(digest[7:]), fd)
         except BaseException:
             os.close(fd)
             try:

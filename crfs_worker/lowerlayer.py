@@ -1,12 +1,15 @@
 """Answers crfs.so's requests from layer views: the worker side of the plugin protocol.
 
 Metadata (stat, exists, readdir, readlink, xattrs) comes from each layer's index and
-never touches the network. `open` returns a real fd:
-- a small regular file without xattrs: its bytes, fetched whole in one Range request,
-  verified, and kept in the content cache (shared across layers and images);
+never touches the network. File bytes come from the chunk store (chunkstore.py), fetched
+once per chunk through chunkfetch.py. `open` returns a real fd:
+- a small regular file without xattrs: the verified file itself, from the chunk store when
+  the file is one chunk, else assembled from its chunks into the content cache;
 - everything else (directories, large files, files with xattrs, opens that only look,
   i.e. O_NONBLOCK): an fd on the worker's pyfuse3 view, which fetches chunks only when
   the kernel reads them and shows the entry's metadata and xattrs on fstat/fgetxattr.
+When the plugin loads a layer (`layers`, `root`), its prioritised files are prefetched and
+its background fetch is queued (prefetch.py).
 Layers show the tar's truth: whiteouts are `.wh.NAME` files and `.wh..wh..opq`, which
 fuse-overlayfs understands as they are.
 """
@@ -18,17 +21,19 @@ import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from .blob import BlobReader, LocalBlob
+from .chunkfetch import ChunkFetcher
+from .chunkstore import ChunkStore
 from .contentcache import ContentCache
 from .errors import CrfsError, FormatError, NotFoundError, VerificationError
 from .ipc import PROTOCOL_VERSION, RequestFailed
 from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
+from .prefetch import BackgroundFetcher, BackgroundProgress, FetchOptions, PrefetchStatus, prefetch_prioritized
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +67,10 @@ class LayerLike(Protocol):
     def readlink(self, path: str) -> str: ...
     def listxattr(self, path: str) -> list[str]: ...
     def getxattr(self, path: str, name: str) -> bytes: ...
-    def read(self, path: str, offset: int, size: int) -> bytes: ...
     def chunks_for(self, path: str, offset: int, size: int) -> list[Any]: ...
-    def fetch_ranges(self, chunks: list[Any]) -> list[tuple[int, int]]: ...
     def decode_chunk(self, chunk: Any, raw: bytes) -> bytes: ...
+    def walk(self) -> Any: ...
+    def prefetch_range(self) -> tuple[int, int] | None: ...
 
 
 class FdView(Protocol):
@@ -85,7 +90,8 @@ class LayerStats:
     fetched_bytes: int = 0
     requests: int = 0
     verification_failures: int = 0
-    cached_digests: set[str] = field(default_factory=set)
+    cached_digests: set[str] = field(default_factory=set)  # whole files in the content cache
+    local_chunks: dict[bytes, int] = field(default_factory=dict)  # chunk digest -> size, stored
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_fetch(self, length: int) -> None:
@@ -100,6 +106,10 @@ class LayerStats:
     def count_cached(self, digest: str) -> None:
         with self.lock:
             self.cached_digests.add(digest)
+
+    def count_local(self, digest: bytes, size: int) -> None:
+        with self.lock:
+            self.local_chunks[digest] = size
 
 
 @dataclass
@@ -135,7 +145,10 @@ class LiveLayer:
     layer: LayerLike
     blob: CountingBlob
     stats: LayerStats
-    # Layer guards its index itself; decoding shares a decompressor context, so one at a time.
+    prefetch: PrefetchStatus = field(default_factory=PrefetchStatus)
+    background: BackgroundProgress = field(default_factory=BackgroundProgress)
+    prefetch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Layer guards its index itself; decoding may share a decompressor context, so one at a time.
     decode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def call(self, method: str, *args: Any) -> Any:
@@ -153,40 +166,14 @@ class LiveLayer:
                 self.stats.count_failure()
                 raise
 
+    def note_local(self, digest: bytes, size: int) -> None:
+        self.stats.count_local(digest, size)
+
     def file_digest(self, path: str) -> str | None:
         """The TOC's whole-file digest for `path` (the content cache key), if it has one."""
         st = self.layer.stat(path)
         raw = self.layer.index.file_digest(st.ino)  # type: ignore[attr-defined]
         return None if raw is None else "sha256:" + raw.hex()
-
-
-@dataclass
-class ChunkCache:
-    """Recently decoded chunks, so the kernel's 128 KiB reads of a 4 MiB chunk fetch it once."""
-
-    limit_bytes: int = 64 << 20
-    _chunks: "OrderedDict[tuple[int, Any], bytes]" = field(default_factory=OrderedDict, init=False, repr=False)
-    _size: int = field(default=0, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-
-    def get(self, key: tuple[int, Any]) -> bytes | None:
-        with self._lock:
-            data = self._chunks.get(key)
-            if data is not None:
-                self._chunks.move_to_end(key)
-            return data
-
-    def put(self, key: tuple[int, Any], data: bytes) -> None:
-        if len(data) > self.limit_bytes:
-            return
-        with self._lock:
-            if key in self._chunks:
-                return
-            self._chunks[key] = data
-            self._size += len(data)
-            while self._size > self.limit_bytes:
-                _, evicted = self._chunks.popitem(last=False)
-                self._size -= len(evicted)
 
 
 LayerOpener = Callable[[LayerRecord, BlobReader, Path], LayerLike]
@@ -196,6 +183,7 @@ LayerOpener = Callable[[LayerRecord, BlobReader, Path], LayerLike]
 class RecordBlobOpener:
     """Opens the blob a layer record points at; registry blobs share one client."""
 
+    options: FetchOptions = field(default_factory=FetchOptions)
     _client: Any = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -216,7 +204,7 @@ class RecordBlobOpener:
             if self._client is None:
                 from .registry import RegistryClient
 
-                self._client = RegistryClient()
+                self._client = RegistryClient(self.options.registry_config())
             return self._client
 
 
@@ -233,12 +221,25 @@ class LayerTable:
 
     keys: KeyStore
     index_dir: Path
+    store: ChunkStore
+    options: FetchOptions = field(default_factory=FetchOptions)
     opener: LayerOpener = open_layer
-    blob_opener: Callable[[LayerRecord], BlobReader] = field(default_factory=RecordBlobOpener)
-    chunk_cache: ChunkCache = field(default_factory=ChunkCache)
+    blob_opener: Callable[[LayerRecord], BlobReader] | None = None
+    fetcher: ChunkFetcher = field(init=False)
+    background: BackgroundFetcher = field(init=False)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
     _opening: dict[int, threading.Lock] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.blob_opener is None:
+            self.blob_opener = RecordBlobOpener(self.options)
+        self.fetcher = ChunkFetcher(self.store)
+        self.background = BackgroundFetcher(self.fetcher, self.options)
+
+    def close(self) -> None:
+        """Stops the background fetch."""
+        self.background.close()
 
     def get(self, num: int) -> LiveLayer:
         live = self._live.get(num)
@@ -251,6 +252,7 @@ class LayerTable:
                 return live
             record = self.keys.layer(num)
             stats = LayerStats()
+            assert self.blob_opener is not None
             blob = CountingBlob(self.blob_opener(record), stats)
             layer = self.opener(record, blob, self.index_dir)
             live = LiveLayer(num, record, layer, blob, stats)
@@ -258,6 +260,14 @@ class LayerTable:
                 self._live[num] = live
             log.info("opened layer %d: %s", num, record.describe())
             return live
+
+    def mount(self, num: int) -> LiveLayer:
+        """The plugin loads layer `num`: open it, prefetch its prioritised files (once)
+        and queue its background fetch."""
+        live = self.get(num)
+        prefetch_prioritized(live, self.fetcher)
+        self.background.submit(live)
+        return live
 
     def _opening_lock(self, num: int) -> threading.Lock:
         with self._lock:
@@ -300,42 +310,21 @@ class LayerTable:
         (adjacent ones in one Range request)."""
         live = self.get(num)
         chunks = live.call("chunks_for", path, offset, size)
-        if not chunks:
-            return b""
-        decoded = {c.key: self.chunk_cache.get((num, c.key)) for c in chunks}
-        missing = [c for c in chunks if decoded[c.key] is None]
-        if missing:
-            decoded.update(self._fetch(live, missing))
-        data = b"".join(decoded[c.key] for c in chunks)  # type: ignore[misc]
-        start = offset - chunks[0].offset
-        return data[start:start + size]
+        return self.fetcher.read(live, chunks, offset, size)
 
-    def read_whole(self, num: int, path: str, size: int) -> bytes:
-        """A whole (small) file, fetched in one Range request and verified chunk by chunk."""
-        live = self.get(num)
+    def whole_file_chunk(self, live: LiveLayer, path: str, size: int) -> Any | None:
+        """The file's only chunk, if one digested chunk holds the whole file."""
         chunks = live.call("chunks_for", path, 0, size)
-        fetched = [c for c in chunks if c.needs_fetch]
-        if not fetched:
-            return b"".join(live.decode(c, b"") for c in chunks)
-        start = min(c.cstart for c in fetched)
-        raw = live.blob.read_range(start, max(c.cend for c in fetched) - start)
-        return b"".join(
-            live.decode(c, raw[c.cstart - start:c.cend - start] if c.needs_fetch else b"") for c in chunks
-        )
+        if len(chunks) != 1:
+            return None
+        chunk = chunks[0]
+        if chunk.digest is None or chunk.offset != 0 or chunk.size != size:
+            return None
+        return chunk
 
-    def _fetch(self, live: LiveLayer, chunks: list[Any]) -> dict[Any, bytes]:
-        out: dict[Any, bytes] = {}
-        ranges = live.layer.fetch_ranges(chunks)
-        raws = {(a, b): live.blob.read_range(a, b - a) for a, b in ranges}
-        for chunk in chunks:
-            raw = b""
-            if chunk.needs_fetch:
-                a, b = next(r for r in raws if r[0] <= chunk.cstart and chunk.cend <= r[1])
-                raw = raws[(a, b)][chunk.cstart - a:chunk.cend - a]
-            data = live.decode(chunk, raw)
-            self.chunk_cache.put((live.num, chunk.key), data)
-            out[chunk.key] = data
-        return out
+    def chunk_fd(self, live: LiveLayer, chunk: Any) -> int | None:
+        """A read-only fd on a digested chunk's verified bytes in the chunk store."""
+        return self.fetcher.open_fd(live, chunk)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -435,14 +424,15 @@ class LowerLayerService:
         if not isinstance(key, str):
             raise RequestFailed(errno.EINVAL, "missing key")
         nums = self.table.keys.layer_numbers(key)
-        # Open (and verify) every layer now, while the mount waits; TOC fetches overlap.
+        # Open (and verify) every layer now, while the mount waits, and prefetch what the
+        # image prioritised: TOC fetches and prefetches of the layers overlap.
         with ThreadPoolExecutor(max_workers=min(4, len(nums))) as pool:
-            list(pool.map(self.table.get, nums))
+            list(pool.map(self.table.mount, nums))
         return {"layers": nums}, None
 
     def _root(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         num = _int_arg(request, "layer")
-        self.table.get(num)
+        self.table.mount(num)  # a restarted worker learns of the layer here
         return {}, self.view.root_fd(num)
 
     def _stat(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -536,6 +526,11 @@ class LowerLayerService:
         return not self.table.listxattr(live.num, path)  # copy-up reads xattrs from the fd
 
     def _cached_fd(self, live: LiveLayer, path: str, st: EntryStatLike) -> int | None:
+        chunk = self.table.whole_file_chunk(live, path, st.size) if st.size else None
+        if chunk is not None:
+            fd = self.table.chunk_fd(live, chunk)  # the chunk IS the file
+            if fd is not None:
+                return fd
         digest = live.file_digest(path)
         if digest is None:
             return None  # nothing vouches for the whole file: the view verifies chunk by chunk
@@ -544,13 +539,14 @@ class LowerLayerService:
         return cached.fd
 
     def _fetch_whole(self, live: LiveLayer, path: str, size: int) -> bytes:
-        return self.table.read_whole(live.num, path, size) if size else b""
+        return self.table.read(live.num, path, 0, size) if size else b""
 
     def _stats(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         rows = []
         for live in self.table.live_layers():
             with live.stats.lock:
                 digests = set(live.stats.cached_digests)
+                local = sum(live.stats.local_chunks.values())
                 row = {
                     "num": live.num,
                     "name": live.record.describe(),
@@ -558,7 +554,9 @@ class LowerLayerService:
                     "requests": live.stats.requests,
                     "failures": live.stats.verification_failures,
                 }
-            row["cached"] = self.cache.total_bytes(digests)
+            row["cached"] = local + self.cache.total_bytes(digests)
+            row["background"] = live.background.as_dict()
+            row["prefetch"] = live.prefetch.as_dict()
             rows.append(row)
         return {"layers": rows}, None
 

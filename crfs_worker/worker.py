@@ -6,9 +6,11 @@
     RUNTIME/view/         the pyfuse3 view fds come from
     RUNTIME/keys, layers  the KEY registry (layerkeys.py)
 
-crfs.so starts the worker when none answers (`crfs worker`, or CRFS_WORKER_CMD). The
-worker lives while clients are connected (every mount holds one) and exits after
-`--idle-timeout` seconds without any, or on SIGTERM/SIGINT.
+crfs.so starts the worker when none answers (`crfs worker`, or CRFS_WORKER_CMD), and so
+does `ensure_worker()` (for `crfs lowerdir`). The worker lives while clients are connected
+(every mount holds one) and exits after `--idle-timeout` seconds without any, or on
+SIGTERM/SIGINT. Mounted layers are made local in the background unless
+`--no-background-fetch` or CRFS_BACKGROUND_FETCH=0 (see prefetch.py).
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chunkstore import ChunkStore
 from .contentcache import ContentCache
 from .dirs import cache_dir, ensure_private_dir, index_dir, runtime_dir
 from .errors import CrfsError
@@ -32,6 +35,7 @@ from .fileview import FileView
 from .ipc import IpcServer, WorkerClient
 from .layerkeys import KeyStore
 from .lowerlayer import LayerTable, LowerLayerService
+from .prefetch import FetchOptions, progress_label
 
 log = logging.getLogger("crfs_worker")
 
@@ -48,6 +52,11 @@ class WorkerConfig:
     index: Path
     content: Path
     idle_timeout: float
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+    @property
+    def chunks(self) -> Path:
+        return self.content.parent / "chunks"
 
 
 @dataclass
@@ -126,8 +135,10 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     view: FileView | None = None
+    table: LayerTable | None = None
     try:
-        table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index))
+        table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index),
+                           ChunkStore(config.chunks), config.fetch)
         view = FileView(table, config.runtime / "view")
         view.mount()
         service = LowerLayerService(table, view, ContentCache(config.content))
@@ -144,6 +155,8 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
         ready.send(f"error: {exc}")
         return 1
     finally:
+        if table is not None:
+            table.close()
         if view is not None:
             view.unmount()
         lock.release()
@@ -169,11 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     """`crfs worker [--idle-timeout S]`: run the worker in the foreground of this process."""
     parser = argparse.ArgumentParser(prog="crfs worker", description="serve crfs.so and the crfs CLI")
     parser.add_argument("--idle-timeout", type=float, default=600.0,
-                        help="exit after this many seconds without clients (default 600)")
+                        help="exit after this many seconds without clients (default 600; inf: never)")
+    parser.add_argument("--no-background-fetch", action="store_true",
+                        help="fetch only what is read (default: make mounted layers wholly local "
+                             "in the background; CRFS_BACKGROUND_FETCH=0 does the same)")
     args = parser.parse_args(argv)
     ready = ReadyReport.from_environment()
     try:
-        config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout)
+        fetch = FetchOptions.from_environment(background=False if args.no_background_fetch else None)
+        config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout, fetch)
     except CrfsError as exc:
         ready.send(f"error: {exc}")
         print(f"crfs worker: {exc}", file=sys.stderr)
@@ -182,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------- clients
+
+
+def ensure_worker(runtime: Path | None = None, timeout: float = 30.0) -> bool:
+    """Starts a detached worker unless one answers (True if it started one); see workerstart.py."""
+    from .workerstart import ensure_worker as start_unless_running
+
+    return start_unless_running(runtime, timeout=timeout)
 
 
 def connect(runtime: Path | None = None) -> WorkerClient:
@@ -196,11 +220,12 @@ def request_stats(runtime: Path | None = None) -> list[dict[str, Any]]:
 
 
 def format_stats(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'LAYER':>5}  {'FETCHED':>12}  {'CACHED':>12}  {'REQUESTS':>8}  {'VERIFY-FAIL':>11}  NAME"]
+    lines = [f"{'LAYER':>5}  {'FETCHED':>12}  {'CACHED':>12}  {'REQUESTS':>8}  {'VERIFY-FAIL':>11}  "
+             f"{'BACKGROUND':>10}  NAME"]
     for row in rows:
         lines.append(
             f"{row['num']:>5}  {row['fetched']:>12}  {row['cached']:>12}  {row['requests']:>8}  "
-            f"{row['failures']:>11}  {row['name']}"
+            f"{row['failures']:>11}  {progress_label(row.get('background') or {}):>10}  {row['name']}"
         )
     return "\n".join(lines)
 

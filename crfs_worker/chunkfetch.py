@@ -1,0 +1,382 @@
+"""Verified chunks for readers: from the chunk store, else fetched once from the blob.
+
+Every path that needs file bytes (the view's reads, the small-file cache, the mount-time
+prefetch, the background fetch) comes here, so that:
+- a chunk with a digest is fetched from the registry at most once per worker, however many
+  readers, layers and images want it at the same time (single-flight: the first caller
+  fetches, the others wait for it and then read the store);
+- it is verified (`decode`) before it is stored, and stored before anyone reads it;
+- on-demand reads go first: background fetches start a request only while no on-demand
+  fetch is running (`FetchGate`).
+Chunks without a digest (legacy stargz, only with --allow-unverified) cannot be stored by
+digest: they are single-flighted per layer and kept in a small memory cache instead.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterator, Protocol, Sequence
+
+from .blob import BlobReader
+from .chunkstore import ChunkStore
+from .errors import CrfsError
+
+log = logging.getLogger(__name__)
+
+UNVERIFIED_CACHE_BYTES = 16 << 20
+
+
+class ChunkLike(Protocol):
+    """The part of layer.Chunk this module uses."""
+
+    path: str
+    offset: int
+    size: int
+    cstart: int
+    cend: int
+    digest: bytes | None
+    zeros: bool
+
+    @property
+    def key(self) -> tuple[int, int]: ...
+
+
+class FetchTarget(Protocol):
+    """One layer as the fetcher sees it (lowerlayer.LiveLayer)."""
+
+    num: int
+
+    @property
+    def blob(self) -> BlobReader: ...
+
+    def decode(self, chunk: Any, raw: bytes) -> bytes:
+        """The chunk's verified bytes (VerificationError otherwise, counted)."""
+        ...
+
+    def note_local(self, digest: bytes, size: int) -> None:
+        """The layer's chunk `digest` is in the store (for its `bytes in cache`)."""
+        ...
+
+
+def flight_key(target: FetchTarget, chunk: ChunkLike) -> Hashable:
+    """What makes two chunks the same: their digest, or for undigested chunks their place."""
+    return chunk.digest if chunk.digest is not None else (target.num, chunk.key)
+
+
+def storable(chunk: ChunkLike) -> bool:
+    return chunk.digest is not None
+
+
+@dataclass(frozen=True)
+class Span:
+    """One blob range to request and the chunks it holds."""
+
+    start: int
+    end: int
+    chunks: tuple[Any, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def plan_spans(chunks: Sequence[ChunkLike], gap: int, limit: int) -> list[Span]:
+    """Chunks grouped into blob ranges: sorted by offset, merged while the hole between two
+    is at most `gap` bytes and the range stays within `limit` bytes (a chunk larger than
+    `limit` is a range of its own)."""
+    spans: list[Span] = []
+    start = end = 0
+    group: list[ChunkLike] = []
+    for chunk in sorted(chunks, key=lambda c: (c.cstart, c.cend)):
+        if group and chunk.cstart <= end + gap and max(end, chunk.cend) - start <= limit:
+            group.append(chunk)
+            end = max(end, chunk.cend)
+            continue
+        if group:
+            spans.append(Span(start, end, tuple(group)))
+        group, start, end = [chunk], chunk.cstart, chunk.cend
+    if group:
+        spans.append(Span(start, end, tuple(group)))
+    return spans
+
+
+def spans_for(chunks: Sequence[ChunkLike], gap: int, limit: int) -> list[Span]:
+    """`plan_spans` for chunks that need bytes; zeros chunks (which need none, whatever
+    range the TOC gives them) come first in an empty span."""
+    zeros = tuple(c for c in chunks if c.zeros)
+    spans = [Span(0, 0, zeros)] if zeros else []
+    return spans + plan_spans([c for c in chunks if not c.zeros], gap, limit)
+
+
+# ---------------------------------------------------------------------------- priority
+
+
+@dataclass
+class FetchGate:
+    """Counts on-demand fetches in progress; background fetches wait until there are none."""
+
+    _active: int = field(default=0, init=False)
+    _changed: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+
+    @contextmanager
+    def on_demand(self) -> Iterator[None]:
+        with self._changed:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
+
+    def wait_quiet(self, stop: threading.Event, poll: float = 0.5) -> None:
+        """Returns once no on-demand fetch runs (or `stop` is set)."""
+        with self._changed:
+            while self._active and not stop.is_set():
+                self._changed.wait(poll)
+
+
+# ---------------------------------------------------------------------------- single flight
+
+
+@dataclass
+class _Flight:
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    data: bytes | None = None  # kept only for chunks the store cannot hold
+
+
+def _same_error(error: BaseException) -> BaseException:
+    """A fresh copy of another thread's failure to raise here (same class and message)."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        return error
+    return copy if isinstance(copy, BaseException) else error
+
+
+@dataclass
+class _MemoryCache:
+    """Recently decoded undigested chunks, so the kernel's small reads of one chunk fetch it once."""
+
+    limit_bytes: int = UNVERIFIED_CACHE_BYTES
+    _chunks: "OrderedDict[Hashable, bytes]" = field(default_factory=OrderedDict, init=False, repr=False)
+    _size: int = field(default=0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def get(self, key: Hashable) -> bytes | None:
+        with self._lock:
+            data = self._chunks.get(key)
+            if data is not None:
+                self._chunks.move_to_end(key)
+            return data
+
+    def put(self, key: Hashable, data: bytes) -> None:
+        if len(data) > self.limit_bytes:
+            return
+        with self._lock:
+            if key in self._chunks:
+                return
+            self._chunks[key] = data
+            self._size += len(data)
+            while self._size > self.limit_bytes:
+                _, evicted = self._chunks.popitem(last=False)
+                self._size -= len(evicted)
+
+
+@dataclass
+class ChunkFetcher:
+    store: ChunkStore
+    gate: FetchGate = field(default_factory=FetchGate)
+    read_gap: int = 0  # on-demand reads merge only touching ranges: no byte they do not need
+    _memory: _MemoryCache = field(default_factory=_MemoryCache, init=False, repr=False)
+    _flights: dict[Hashable, _Flight] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    # ---------------------------------------------------------------- readers
+
+    def read(self, target: FetchTarget, chunks: Sequence[ChunkLike], offset: int, size: int) -> bytes:
+        """Verified bytes [offset, offset+size) of the file that `chunks` (in file order,
+        covering the range, as Layer.chunks_for returns them) belong to."""
+        if not chunks:
+            return b""
+        fresh = self.ensure(target, chunks, on_demand=True)
+        pieces = []
+        for chunk in chunks:
+            lo = max(offset - chunk.offset, 0)
+            hi = min(offset + size - chunk.offset, chunk.size)
+            if hi > lo:
+                pieces.append(self._piece(target, chunk, lo, hi, fresh))
+        return b"".join(pieces)
+
+    def _piece(self, target: FetchTarget, chunk: ChunkLike, lo: int, hi: int,
+               fresh: dict[Hashable, bytes]) -> bytes:
+        if chunk.zeros and chunk.digest is None:
+            return bytes(hi - lo)  # zeros by definition
+        key = flight_key(target, chunk)
+        data = fresh.get(key)
+        if data is not None:
+            return data[lo:hi]
+        assert chunk.digest is not None  # undigested chunks always come back in `fresh`
+        piece = self.store.read(chunk.digest, chunk.size, lo, hi - lo)
+        if piece is not None:
+            return piece
+        # Removed or altered since `ensure` saw it: fetch it once more.
+        data = self.ensure(target, [chunk], on_demand=True, trust_store=False).get(key)
+        if data is None:
+            piece = self.store.read(chunk.digest, chunk.size, lo, hi - lo)
+            if piece is None:
+                raise CrfsError(f"{target.blob.name}: {chunk.path}: chunk at file offset {chunk.offset} "
+                                f"keeps disappearing from the chunk store {self.store.root}")
+            return piece
+        return data[lo:hi]
+
+    def open_fd(self, target: FetchTarget, chunk: ChunkLike) -> int | None:
+        """A read-only fd on a digested chunk's stored bytes (fetched if need be), or None."""
+        assert chunk.digest is not None
+        for _ in range(2):
+            self.ensure(target, [chunk], on_demand=True)
+            fd = self.store.open(chunk.digest, chunk.size)
+            if fd is not None:
+                target.note_local(chunk.digest, chunk.size)
+                return fd
+        return None
+
+    # ---------------------------------------------------------------- making chunks local
+
+    def ensure(self, target: FetchTarget, chunks: Sequence[ChunkLike], *, on_demand: bool,
+               trust_store: bool = True) -> dict[Hashable, bytes]:
+        """Makes `chunks` local: digested ones in the store, others in the returned map
+        (by flight key), which also holds the bytes of chunks this call fetched itself."""
+        fresh: dict[Hashable, bytes] = {}
+        missing: dict[Hashable, ChunkLike] = {}
+        for chunk in chunks:
+            key = flight_key(target, chunk)
+            if key in missing or key in fresh:
+                continue
+            if chunk.zeros and chunk.digest is None:
+                continue
+            if chunk.digest is not None:
+                if trust_store and self.store.has(chunk.digest, chunk.size):
+                    target.note_local(chunk.digest, chunk.size)
+                    continue
+            else:
+                data = self._memory.get(key)
+                if data is not None:
+                    fresh[key] = data
+                    continue
+            missing[key] = chunk
+        if not missing:
+            return fresh
+        mine, theirs = self._claim(target, list(missing.values()))
+        if mine:
+            spans = spans_for(mine, self.read_gap, 1 << 62)
+            if on_demand:
+                with self.gate.on_demand():
+                    fresh.update(self._fetch_claimed(target, spans))
+            else:
+                fresh.update(self._fetch_claimed(target, spans))
+        for key, flight in theirs:
+            flight.done.wait()
+            if flight.error is not None:
+                raise _same_error(flight.error)
+            if flight.data is not None:
+                fresh[key] = flight.data
+        return fresh
+
+    def fetch_span(self, target: FetchTarget, span: Span, *, narrow: bool = True) -> int:
+        """Fetches the digested chunks of `span` that are not stored yet, in ONE request,
+        verifies and stores them; chunks others are fetching are left to them. The request
+        covers just those chunks, or with `narrow=False` the whole span. Returns the
+        bytes stored."""
+        wanted = []
+        for chunk in span.chunks:
+            if chunk.digest is None:
+                continue
+            if self.store.check(chunk.digest, chunk.size):
+                target.note_local(chunk.digest, chunk.size)
+            else:
+                wanted.append(chunk)
+        mine, _theirs = self._claim(target, wanted)
+        if not mine:
+            return 0
+        fetched = [c for c in mine if not c.zeros]
+        spans = [Span(0, 0, tuple(c for c in mine if c.zeros))]
+        if fetched:
+            start, end = span.start, span.end
+            if narrow:
+                start, end = min(c.cstart for c in fetched), max(c.cend for c in fetched)
+            spans.append(Span(start, end, tuple(fetched)))
+        stored = self._fetch_claimed(target, spans)
+        return sum(len(data) for data in stored.values())
+
+    def _claim(self, target: FetchTarget, chunks: Sequence[ChunkLike]
+               ) -> tuple[list[ChunkLike], list[tuple[Hashable, _Flight]]]:
+        mine: list[ChunkLike] = []
+        theirs: list[tuple[Hashable, _Flight]] = []
+        with self._lock:
+            for chunk in chunks:
+                key = flight_key(target, chunk)
+                flight = self._flights.get(key)
+                if flight is None:
+                    self._flights[key] = _Flight()
+                    mine.append(chunk)
+                else:
+                    theirs.append((key, flight))
+        return mine, theirs
+
+    def _land(self, target: FetchTarget, chunk: ChunkLike, data: bytes | None,
+              error: BaseException | None) -> None:
+        """Ends the flight of a claimed chunk, waking whoever waits for it."""
+        key = flight_key(target, chunk)
+        with self._lock:
+            flight = self._flights.pop(key)
+        flight.error = error
+        if chunk.digest is None:
+            flight.data = data
+        flight.done.set()
+
+    def _fetch_claimed(self, target: FetchTarget, spans: Sequence[Span]) -> dict[Hashable, bytes]:
+        """Fetches, verifies and stores claimed chunks (one request per span); every claim
+        is landed, with its error if it failed. Raises the first failure after all landed."""
+        out: dict[Hashable, bytes] = {}
+        first_error: BaseException | None = None
+        for number, span in enumerate(spans):
+            try:
+                raw = self._request(target, span)
+            except BaseException as exc:
+                for rest in spans[number:]:
+                    for chunk in rest.chunks:
+                        self._land(target, chunk, None, exc)
+                raise
+            for chunk in span.chunks:
+                try:
+                    data = self._decode_and_keep(target, chunk, raw, span.start)
+                except BaseException as exc:
+                    self._land(target, chunk, None, exc)
+                    first_error = first_error or exc
+                    continue
+                self._land(target, chunk, data, None)
+                out[flight_key(target, chunk)] = data
+        if first_error is not None:
+            raise first_error
+        return out
+
+    @staticmethod
+    def _request(target: FetchTarget, span: Span) -> bytes:
+        if not span.chunks or all(c.zeros for c in span.chunks):
+            return b""  # zeros chunks need no bytes
+        return target.blob.read_range(span.start, span.length)
+
+    def _decode_and_keep(self, target: FetchTarget, chunk: ChunkLike, raw: bytes, base: int) -> bytes:
+        piece = b"" if chunk.zeros else raw[chunk.cstart - base:chunk.cend - base]
+        data = target.decode(chunk, piece)
+        if chunk.digest is not None:
+            self.store.put(chunk.digest, data)
+            target.note_local(chunk.digest, len(data))
+        else:
+            self._memory.put(flight_key(target, chunk), data)
+        return data
