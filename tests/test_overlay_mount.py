@@ -132,8 +132,7 @@ def test_merged_tree_matches_tar_extraction(mount_overlay: Callable[..., Mounted
 def test_reading_one_small_file_fetches_a_tiny_fraction(mount_overlay: Callable[..., Mounted],
                                                         plugin_env: PluginSession) -> None:
     m = mount_overlay()
-    for cached in plugin_env.cache.joinpath("content").glob("sha256-*"):
-        cached.unlink()  # earlier tests may have cached it: make this read go to the blob
+    plugin_env.drop_cached_data()  # earlier tests may have cached it: make this read go to the blob
     base_layer = plugin_env.image.layers[0]
     num = os.stat(m.merged / "data").st_ino >> 40  # only the base layer has data/
     before = layer_stats(plugin_env)[num]
@@ -149,6 +148,7 @@ def test_reading_one_small_file_fetches_a_tiny_fraction(mount_overlay: Callable[
 def test_first_byte_of_a_large_file_costs_one_chunk(mount_overlay: Callable[..., Mounted],
                                                     plugin_env: PluginSession) -> None:
     m = mount_overlay(lowerdir=f"//crfs/{plugin_env.fresh_key('overlay-big')}//")
+    plugin_env.drop_cached_data()  # the chunk store is shared with the original layers
     num = os.stat(m.merged / "data").st_ino >> 40
     before = layer_stats(plugin_env)[num]
     with open(m.merged / "data/big.bin", "rb") as f:
@@ -346,9 +346,11 @@ def test_stats_report(mount_overlay: Callable[..., Mounted], plugin_env: PluginS
     m = mount_overlay()
     (m.merged / "etc/motd").read_bytes()
     rows = request_stats(plugin_env.runtime)
-    assert {"num", "name", "fetched", "cached", "requests", "failures"} <= set(rows[0])
+    assert {"num", "name", "fetched", "cached", "requests", "failures", "background", "prefetch"} <= set(rows[0])
     text = format_stats(rows)
-    assert text.splitlines()[0].split() == ["LAYER", "FETCHED", "CACHED", "REQUESTS", "VERIFY-FAIL", "NAME"]
+    assert text.splitlines()[0].split() == ["LAYER", "FETCHED", "CACHED", "REQUESTS", "VERIFY-FAIL", "BACKGROUND",
+                                            "NAME"]
+    assert all(line.split()[5] == "off" for line in text.splitlines()[1:])  # CRFS_BACKGROUND_FETCH=0
     assert str(plugin_env.image.layers[2].blob) in text
     assert len(text.splitlines()) == len(rows) + 1
 
@@ -362,6 +364,7 @@ def test_corrupted_chunks_are_eio_and_counted(mount_overlay: Callable[..., Mount
     data[middle:middle + 64] = bytes(64)
     bad = tmp_path / "corrupt.esgz"
     bad.write_bytes(bytes(data))
+    plugin_env.drop_cached_data()  # verified chunks of the intact layer would serve the reads
     key = KeyStore(plugin_env.runtime).register(
         f"corrupt:{bad}", [LayerRecord("file", str(bad), toc_digest=original.toc_digest)])
     m = mount_overlay(lowerdir=f"//crfs/{key}//")

@@ -51,6 +51,15 @@ class PluginSession:
             records.append(LayerRecord("file", str(copy), toc_digest=layer.toc_digest))
         return KeyStore(self.runtime).register(f"fresh:{copies}", records)
 
+    def drop_cached_data(self) -> None:
+        """Empties the chunk store and the content cache, so that the next reads go to the
+        blobs (both are shared by every layer: copies under fresh keys hit them too)."""
+        for kept in (self.cache / "chunks" / "sha256", self.cache / "content"):
+            if kept.is_dir():
+                for path in kept.rglob("*"):
+                    if path.is_file():
+                        path.unlink()
+
     def client(self) -> WorkerClient:
         return WorkerClient(self.socket).connect()
 
@@ -95,5 +104,7 @@ def start_plugin_session(workdir: Path) -> PluginSession:
         "CRFS_RUNTIME_DIR": str(runtime),
         "CRFS_CACHE_DIR": str(cache),
         "CRFS_WORKER_CMD": f"{sys.executable} -m crfs_worker.worker --idle-timeout 600",
+        # Request counts are asserted: no background fetch (tests/test_prefetch.py tests it).
+        "CRFS_BACKGROUND_FETCH": "0",
     }
     return PluginSession(plugin, image, runtime, cache, key, env)
