@@ -20,7 +20,7 @@ from .blob import LocalBlob
 from .image import Image, open_image
 from .layer import EntryStat, Layer, LayerSource
 from .layerkeys import lowerdir_for
-from . import worker
+from . import imagemount, worker
 
 MAX_SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 CAT_ATOMIC_LIMIT = 64 << 20         # files up to this size are verified whole before any output
@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="per-layer counters of the running worker")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=run_stats)
+
+    mnt = sub.add_parser("mount", help="mount an image's merged tree read-only (no container runtime)",
+                         description="fuse-overlayfs with the image's layers through crfs.so; files are "
+                                     "fetched when first read")
+    mnt.add_argument("ref", metavar="REF")
+    mnt.add_argument("dir", metavar="DIR")
+    mnt.add_argument("--allow-unverified", action="store_true",
+                     help="accept content nothing vouches for (legacy stargz TOCs)")
+    mnt.add_argument("-o", dest="options", metavar="OPTIONS", help="more fuse-overlayfs options")
+    mnt.set_defaults(run=imagemount.run_mount)
+
+    umnt = sub.add_parser("umount", help="unmount what `crfs mount` mounted")
+    umnt.add_argument("dir", metavar="DIR")
+    umnt.set_defaults(run=imagemount.run_umount)
 
     # Listed for --help; main() hands `crfs worker ...` to the worker's own parser.
     sub.add_parser("worker", help="run the worker in the foreground (crfs worker --help)")

@@ -1,17 +1,21 @@
-"""A read-only pyfuse3 view of the worker's layers, so the plugin can get real fds.
+"""The worker's one pyfuse3 mount: the layer view crfs.so takes fds from, and (when the
+worker serves podman) the additional layer store, as trees of `fusetree.Node`.
 
-    MOUNT/NUM/PATH     layer NUM's tree as the tar holds it (whiteout files included)
+    VIEW/NUM/PATH     layer NUM's tree as the tar holds it (whiteout files included)
 
-fuse-overlayfs needs kernel fds: a directory fd whose fstat shows the layer's metadata,
-a file fd whose flistxattr/fgetxattr show the entry's xattrs, and an fd on a large file
-that reads before the file was fetched. The view gives all three: metadata comes from
-the layer index, file bytes are fetched chunk by chunk when the kernel reads them.
-Inode numbers are the plugin's (layer number in the high bits), so d_ino and st_ino
-agree with what statat reports. The view runs its trio loop in its own thread; layer
-calls go to worker threads, because they may block on the network.
+VIEW is the mount itself, or `MOUNT/.layers` when the mount is podman's layer store
+(layerstore.py). fuse-overlayfs needs kernel fds: a directory fd whose fstat shows the
+layer's metadata, a file fd whose flistxattr/fgetxattr show the entry's xattrs, and an fd
+on a large file that reads before the file was fetched. The view gives all three:
+metadata comes from the layer index, file bytes are fetched chunk by chunk when the
+kernel reads them. Inode numbers are the plugin's (layer number in the high bits), so
+d_ino and st_ino agree with what statat reports. The mount runs its trio loop in its own
+thread; calls that may block on the network go to worker threads.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import itertools
 import logging
@@ -27,11 +31,12 @@ import pyfuse3
 import trio
 
 from .errors import CrfsError
+from .fusetree import BaseNode, FileHandle, Node, NodeAttr, fs_error, refuse_writes
 from .layerkeys import compose_ino
 
 log = logging.getLogger(__name__)
 
-ATTR_TIMEOUT = 3600.0  # layers never change: let the kernel keep what it learned
+VIEW_ROOT_INO = 2  # the view's root when it is not the mount's root
 
 
 class EntryStatLike(Protocol):
@@ -58,27 +63,92 @@ class ViewSource(Protocol):
     def read(self, num: int, path: str, offset: int, size: int) -> bytes: ...
 
 
-@dataclass(frozen=True)
-class _Node:
-    num: int   # layer number, 0 for the view root
-    path: str  # layer-relative path, "" for the layer root
+def entry_attr(ino: int, st: EntryStatLike) -> NodeAttr:
+    """A layer entry's attributes under inode number `ino`."""
+    return NodeAttr(ino, st.mode, st.nlink, st.uid, st.gid, st.size, st.mtime_ns,
+                    os.makedev(st.rdev_major, st.rdev_minor))
 
 
-@dataclass(frozen=True)
-class _Listing:
-    """An open directory: its entries, read once at opendir."""
-
-    node: _Node
-    entries: list[tuple[str, EntryStatLike]]
-
-    def child(self, name: str) -> _Node:
-        if self.node.num == 0:
-            return _Node(int(name), "")
-        return _Node(self.node.num, _join(self.node.path, name))
-
-
-def _join(parent: str, name: str) -> str:
+def join_path(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
+
+
+# ---------------------------------------------------------------------------- the layer view
+
+
+@dataclass(frozen=True)
+class LayerFileHandle:
+    source: ViewSource
+    num: int
+    path: str
+
+    def read(self, offset: int, size: int) -> bytes:
+        # Short at the end of the file: the layer clamps to the file size.
+        return self.source.read(self.num, self.path, offset, size)
+
+
+@dataclass(frozen=True)
+class LayerViewEntry(BaseNode):
+    """An entry of layer `num` as the tar holds it."""
+
+    source: ViewSource
+    num: int
+    path: str  # layer-relative, "" for the layer's root
+
+    def attr(self) -> NodeAttr:
+        st = self.source.stat(self.num, self.path)
+        return entry_attr(compose_ino(self.num, st.ino), st)
+
+    def lookup(self, name: str) -> tuple[Node, NodeAttr]:
+        child = LayerViewEntry(self.source, self.num, join_path(self.path, name))
+        return child, child.attr()
+
+    def children(self) -> list[tuple[str, Node, NodeAttr]]:
+        return [(name, LayerViewEntry(self.source, self.num, join_path(self.path, name)),
+                 entry_attr(compose_ino(self.num, st.ino), st))
+                for name, st in self.source.readdir(self.num, self.path)]
+
+    def readlink(self) -> str:
+        return self.source.readlink(self.num, self.path)
+
+    def xattr_names(self) -> list[str]:
+        return self.source.listxattr(self.num, self.path)
+
+    def xattr(self, name: str) -> bytes:
+        return self.source.getxattr(self.num, self.path, name)
+
+    def open(self, flags: int) -> FileHandle:
+        refuse_writes(flags, self.path)
+        # Opening fetches nothing: bytes come when the kernel reads them.
+        return LayerFileHandle(self.source, self.num, self.path)
+
+
+@dataclass(frozen=True)
+class LayerViewRoot(BaseNode):
+    """Lists the worker's open layers by number."""
+
+    source: ViewSource
+    ino: int = pyfuse3.ROOT_INODE
+    may_block = True  # looking up a layer may open it (fetch its TOC)
+
+    def attr(self) -> NodeAttr:
+        return NodeAttr.directory(self.ino, timeout=0)
+
+    def lookup(self, name: str) -> tuple[Node, NodeAttr]:
+        if not name.isdigit() or int(name) not in self.source.layer_numbers():
+            raise fs_error(errno.ENOENT, name)
+        child = LayerViewEntry(self.source, int(name), "")
+        return child, child.attr()
+
+    def children(self) -> list[tuple[str, Node, NodeAttr]]:
+        out: list[tuple[str, Node, NodeAttr]] = []
+        for num in self.source.layer_numbers():
+            child = LayerViewEntry(self.source, num, "")
+            out.append((str(num), child, child.attr()))
+        return out
+
+
+# ---------------------------------------------------------------------------- FUSE side
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -93,131 +163,102 @@ def _errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+def _fuse_error(exc: BaseException, what: str) -> pyfuse3.FUSEError:
+    if isinstance(exc, CrfsError):
+        log.warning("%s: %s", what, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(exc, (OSError, KeyError)):
+        return pyfuse3.FUSEError(_errno_of(exc))
+    # An escaping exception would end the whole mount.
+    log.error("%s failed", what, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 class ViewOperations(pyfuse3.Operations):
-    """The FUSE side: inode numbers map back to (layer, path) as the kernel learns them."""
+    """Inode numbers map to nodes as the kernel learns them (lookup, readdirplus) and are
+    dropped when it forgets them."""
 
     enable_writeback_cache = False
     supports_dot_lookup = False
 
-    def __init__(self, source: ViewSource) -> None:
+    def __init__(self, root: Node) -> None:
         super().__init__()
-        self.source = source
-        self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(0, "")}
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._lookups: dict[int, int] = {}  # the kernel's references, per inode
-        self._handles: dict[int, _Node] = {}
-        self._listings: dict[int, _Listing] = {}
+        self._handles: dict[int, FileHandle] = {}
+        self._listings: dict[int, list[tuple[str, Node, NodeAttr]]] = {}
         self._next_fh = itertools.count(1)
 
     # ---- helpers
 
-    def _meta(self, fn: Callable[..., Any], *args: object) -> Any:
-        """A metadata call, answered in the loop's thread: the index is local, and a
-        thread hop would cost more than the query (fuse-overlayfs asks a lot)."""
+    async def _run(self, blocking: bool, fn: Callable[..., Any], *args: object) -> Any:
+        """Metadata of local indexes is answered in the loop's thread (a thread hop would
+        cost more than the query, and fuse-overlayfs asks a lot); calls that may wait on
+        the network run in a worker thread."""
         try:
+            if blocking:
+                return await trio.to_thread.run_sync(fn, *args)
             return fn(*args)
-        except CrfsError as exc:
-            log.warning("view: %s", exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-        except (OSError, KeyError) as exc:
-            raise pyfuse3.FUSEError(_errno_of(exc)) from exc
-        except Exception as exc:  # an escaping exception would end the whole view
-            log.exception("view: %s failed", getattr(fn, "__name__", fn))
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception as exc:
+            raise _fuse_error(exc, f"view: {getattr(fn, '__name__', fn)}") from exc
 
-    async def _call(self, fn: Callable[..., object], *args: object) -> object:
-        """A call that may block on the network: in a worker thread."""
-        try:
-            return await trio.to_thread.run_sync(fn, *args)
-        except CrfsError as exc:
-            log.warning("view: %s", exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-        except (OSError, KeyError) as exc:
-            raise pyfuse3.FUSEError(_errno_of(exc)) from exc
-        except Exception as exc:  # an escaping exception would end the whole view
-            log.exception("view: %s failed", getattr(fn, "__name__", fn))
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-
-    def _node(self, inode: int) -> _Node:
+    def _node(self, inode: int) -> Node:
         node = self._nodes.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
-    def _attrs(self, num: int, st: EntryStatLike) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = compose_ino(num, st.ino)
-        attr.generation = 0
-        attr.entry_timeout = ATTR_TIMEOUT
-        attr.attr_timeout = ATTR_TIMEOUT
-        attr.st_mode = st.mode
-        attr.st_nlink = st.nlink
-        attr.st_uid = st.uid
-        attr.st_gid = st.gid
-        attr.st_rdev = os.makedev(st.rdev_major, st.rdev_minor)
-        attr.st_size = st.size
-        attr.st_blksize = 4096
-        attr.st_blocks = (st.size + 511) // 512
-        attr.st_atime_ns = st.mtime_ns
-        attr.st_mtime_ns = st.mtime_ns
-        attr.st_ctime_ns = st.mtime_ns
-        return attr
+    @staticmethod
+    def _entry(attr: NodeAttr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.ino
+        entry.generation = 0
+        entry.entry_timeout = attr.timeout
+        entry.attr_timeout = attr.timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_rdev = attr.rdev
+        entry.st_size = attr.size
+        entry.st_blksize = 4096
+        entry.st_blocks = (attr.size + 511) // 512
+        entry.st_atime_ns = attr.mtime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.mtime_ns
+        return entry
 
-    def _root_attrs(self) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.ROOT_INODE
-        attr.entry_timeout = 0
-        attr.attr_timeout = 0
-        attr.st_mode = stat.S_IFDIR | 0o500
-        attr.st_nlink = 2
-        attr.st_uid = os.getuid()
-        attr.st_gid = os.getgid()
-        attr.st_blksize = 4096
-        return attr
-
-    async def _node_attrs(self, node: _Node) -> pyfuse3.EntryAttributes:
-        return self._attrs(node.num, self._meta(self.source.stat, node.num, node.path))
+    def _remember(self, ino: int, node: Node) -> None:
+        """The kernel now holds one more reference to `ino`."""
+        self._nodes.setdefault(ino, node)
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
     # ---- metadata
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        text = os.fsdecode(name)
-        if parent.num == 0:
-            if not text.isdigit() or int(text) not in self.source.layer_numbers():
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            node = _Node(int(text), "")
-        else:
-            node = _Node(parent.num, _join(parent.path, text))
-        attr = await self._node_attrs(node)
-        self._remember(attr.st_ino, node)
-        return attr
+        child, attr = await self._run(parent.may_block, parent.lookup, os.fsdecode(name))
+        self._remember(attr.ino, child)
+        return self._entry(attr)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if node.num == 0:
-            return self._root_attrs()
-        return await self._node_attrs(node)
+        entry = self._entry(await self._run(False, node.attr))
+        if inode == pyfuse3.ROOT_INODE:
+            entry.st_ino = pyfuse3.ROOT_INODE
+        return entry
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
-        return os.fsencode(self._meta(self.source.readlink, node.num, node.path))
+        return os.fsencode(await self._run(False, node.readlink))
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self._node(inode)
-        if node.num == 0:
-            return []
-        return [os.fsencode(n) for n in self._meta(self.source.listxattr, node.num, node.path)]
+        return [os.fsencode(n) for n in await self._run(False, node.xattr_names)]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
-        if node.num == 0:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return self._meta(self.source.getxattr, node.num, node.path, os.fsdecode(name))
-
-    def _remember(self, ino: int, node: _Node) -> None:
-        """The kernel now holds one more reference to `ino`."""
-        self._nodes.setdefault(ino, node)
-        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        return await self._run(False, node.xattr, os.fsdecode(name))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # The kernel forgets an inode only when nothing (no dentry, no open fd) uses it,
@@ -241,28 +282,20 @@ class ViewOperations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        if node.num == 0:
-            entries: list[tuple[str, EntryStatLike]] = []
-            for num in self.source.layer_numbers():
-                entries.append((str(num), self._meta(self.source.stat, num, "")))
-        else:
-            entries = self._meta(self.source.readdir, node.num, node.path)
-        listing = _Listing(node, sorted(entries, key=lambda item: item[0]))
+        entries = await self._run(node.may_block, node.children)
         fh = next(self._next_fh)
-        self._listings[fh] = listing
+        self._listings[fh] = sorted(entries, key=lambda item: item[0])
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self._listings.get(fh)
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        for index in range(start_id, len(listing.entries)):
-            name, st = listing.entries[index]
-            child = listing.child(name)
-            attrs = self._attrs(child.num, st)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+        for index in range(start_id, len(listing)):
+            name, child, attr = listing[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), index + 1):
                 return
-            self._remember(attrs.st_ino, child)  # readdirplus: the kernel took a reference
+            self._remember(attr.ino, child)  # readdirplus: the kernel took a reference
 
     async def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
@@ -271,33 +304,63 @@ class ViewOperations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
-            raise pyfuse3.FUSEError(errno.EROFS)
+        handle = await self._run(False, node.open, flags)
         fh = next(self._next_fh)
-        self._handles[fh] = node
-        # Opening fetches nothing: bytes come when the kernel reads them.
+        self._handles[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._handles.get(fh)
-        if node is None:
+        handle = self._handles.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if size <= 0:
             return b""
-        # Short at the end of the file: the layer clamps to the file size.
-        return await self._call(self.source.read, node.num, node.path, off, size)  # type: ignore[return-value]
+        return await self._run(True, handle.read, off, size)  # type: ignore[no-any-return]
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+
+    # ---- changes: only the layer store's `use` and release protocol (create, rmdir)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._node(parent_inode)
+        await self._run(False, node.create, os.fsdecode(name))
+        raise pyfuse3.FUSEError(errno.EROFS)  # nodes never create files
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(parent_inode)
+        await self._run(False, node.rmdir, os.fsdecode(name))
+
+    async def _read_only(self, *args: object) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mkdir = mknod = unlink = symlink = link = rename = _read_only  # type: ignore[assignment]
+    setxattr = removexattr = _read_only  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------- mounting
 
 
 # Flags a plugin open may carry to the view; anything else (writes, O_CREAT...) is refused
 # before this point. O_NOFOLLOW and O_CLOEXEC are always added.
 _PASS_FLAGS = os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | os.O_LARGEFILE
+_MNT_DETACH = 2
+
+
+def _detach(mountpoint: Path) -> None:
+    """Lazy unmount. As (namespace) root directly: fusermount3 is setuid and refuses
+    inside a user namespace; as a user through fusermount3."""
+    if os.getuid() == 0:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) == 0:
+            return
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def unmount_stale(mountpoint: Path) -> None:
-    """A view left by a dead worker answers ENOTCONN: detach it so we can mount again."""
+    """A mount left by a dead worker answers ENOTCONN: detach it so we can mount again."""
     try:
         os.stat(mountpoint)
         if not os.path.ismount(mountpoint):
@@ -307,16 +370,18 @@ def unmount_stale(mountpoint: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             raise
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _detach(mountpoint)
 
 
 @dataclass
 class FileView:
-    """Mounts the view at `mountpoint` (serving it from a thread) and opens fds on it."""
+    """Mounts `root` at `mountpoint` (serving it from a thread) and opens fds on the layer
+    view, whose NUM directories are in `view_dir` (default: the mountpoint)."""
 
-    source: ViewSource
+    root: Node
     mountpoint: Path
+    view_dir: Path | None = None
+    read_only: bool = True
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
     _token: trio.lowlevel.TrioToken | None = field(default=None, init=False, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
@@ -327,20 +392,25 @@ class FileView:
     def alive(self) -> bool:
         return self._thread is not None and not self._stopped.is_set()
 
+    @property
+    def layers_dir(self) -> Path:
+        return self.view_dir or self.mountpoint
+
     def mount(self, timeout: float = 30.0) -> None:
         unmount_stale(self.mountpoint)
-        self.mountpoint.mkdir(mode=0o700, exist_ok=True)
+        self.mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="crfs-view", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout) or self._error is not None:
-            raise CrfsError(f"cannot mount the layer view at {self.mountpoint}: {self._error or 'timeout'}")
+            raise CrfsError(f"cannot mount the worker's FUSE tree at {self.mountpoint}: {self._error or 'timeout'}")
 
     def _run(self) -> None:
+        # `ro` only when nothing is ever created or removed: the layer store needs both.
         options = (set(pyfuse3.default_options) - {"default_permissions"}) | {
-            "fsname=crfs", "subtype=crfs-view", "ro", "nodev", "nosuid",
-        }
+            "fsname=crfs", "subtype=crfs-view", "nodev", "nosuid",
+        } | ({"ro"} if self.read_only else set())
         try:
-            pyfuse3.init(ViewOperations(self.source), str(self.mountpoint), options)
+            pyfuse3.init(ViewOperations(self.root), str(self.mountpoint), options)
         except Exception as exc:  # reported by mount()
             self._error = exc
             self._ready.set()
@@ -349,7 +419,7 @@ class FileView:
         try:
             trio.run(self._main)
         except BaseException:
-            log.exception("the layer view stopped")
+            log.exception("the worker's FUSE tree stopped")
         finally:
             pyfuse3.close(unmount=True)
             self._stopped.set()
@@ -370,15 +440,15 @@ class FileView:
         self._thread = None
 
     def root_fd(self, num: int) -> int:
-        return os.open(self.mountpoint / str(num), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(self.layers_dir / str(num), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def open(self, num: int, parts: list[str], flags: int) -> int:
         """Opens layer `num`'s entry at `parts`, one component at a time so that no symlink
         in a layer (whose target could be anything on the host) is ever followed."""
         final_flags = (flags & _PASS_FLAGS) | os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         if not parts:
-            return os.open(self.mountpoint / str(num), final_flags)
-        dir_fd = os.open(self.mountpoint / str(num), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            return os.open(self.layers_dir / str(num), final_flags)
+        dir_fd = os.open(self.layers_dir / str(num), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for part in parts[:-1]:
                 next_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)

@@ -3,14 +3,23 @@
     RUNTIME/worker.sock   the socket (RUNTIME is dirs.runtime_dir(), 0700)
     RUNTIME/worker.lock   held while a worker runs: a second one exits quietly
     RUNTIME/worker.log    what went wrong (the worker has no terminal)
-    RUNTIME/view/         the pyfuse3 view fds come from
+    RUNTIME/view/         the pyfuse3 view fds come from (without a layer store)
     RUNTIME/keys, layers  the KEY registry (layerkeys.py)
+    STORE/                podman's additional layer store (layerstore.py), when served;
+                          the view is then STORE/.layers (pyfuse3: one FUSE mount per process)
 
 crfs.so starts the worker when none answers (`crfs worker`, or CRFS_WORKER_CMD), and so
 does `ensure_worker()` (for `crfs lowerdir`). The worker lives while clients are connected
 (every mount holds one) and exits after `--idle-timeout` seconds without any, or on
 SIGTERM/SIGINT. Mounted layers are made local in the background unless
 `--no-background-fetch` or CRFS_BACKGROUND_FETCH=0 (see prefetch.py).
+
+A worker that serves podman's layer store never exits for idleness: podman looks for its
+layers there at any time. The store is served when `--store DIR` or $CRFS_STORE_DIR
+names it, or when podman's storage.conf lists the default store
+(~/.local/share/crfs/store) in additionallayerstores. A rootless user's worker that
+serves a store first joins podman's user and mount namespaces (usernamespace.py), the
+only place where podman can see the mount.
 """
 from __future__ import annotations
 
@@ -31,10 +40,12 @@ from .chunkstore import ChunkStore
 from .contentcache import ContentCache
 from .dirs import cache_dir, ensure_private_dir, index_dir, runtime_dir
 from .errors import CrfsError
-from .fileview import FileView
+from .fileview import VIEW_ROOT_INO, FileView, LayerViewRoot
 from .ipc import IpcServer, WorkerClient
 from .layerkeys import KeyStore
+from .layerstore import VIEW_NAME, StoreRoot, configured_store_dir, open_store
 from .lowerlayer import LayerTable, LowerLayerService
+from .usernamespace import enter_podman_namespace, wants_podman_namespace
 from .prefetch import FetchOptions, progress_label
 
 log = logging.getLogger("crfs_worker")
@@ -53,6 +64,7 @@ class WorkerConfig:
     content: Path
     idle_timeout: float
     fetch: FetchOptions = field(default_factory=FetchOptions)
+    store: Path | None = None   # podman's additional layer store, served when set
 
     @property
     def chunks(self) -> Path:
@@ -139,7 +151,7 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
     try:
         table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index),
                            ChunkStore(config.chunks), config.fetch)
-        view = FileView(table, config.runtime / "view")
+        view = _file_view(config, table)
         view.mount()
         service = LowerLayerService(table, view, ContentCache(config.content))
         server = IpcServer(socket_path(config.runtime), service)
@@ -147,7 +159,7 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
         log.info("worker %d serving %s", os.getpid(), server.path)
         ready.send("ready")
         try:
-            _wait(server, view, stop, config.idle_timeout)
+            _wait(server, view, stop, None if config.store else config.idle_timeout)
         finally:
             server.stop()
     except (CrfsError, OSError) as exc:
@@ -164,38 +176,93 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
     return 0
 
 
-def _wait(server: IpcServer, view: FileView, stop: threading.Event, idle_timeout: float) -> None:
+def _file_view(config: WorkerConfig, table: LayerTable) -> FileView:
+    """The worker's one FUSE mount: the layer view alone, or the layer store with the
+    view inside it."""
+    if config.store is None:
+        return FileView(LayerViewRoot(table), config.runtime / "view")
+
+    def registry_client() -> object:
+        from .registry import RegistryClient  # the registry stack loads only when needed
+
+        return RegistryClient()
+
+    store = open_store(table, config.runtime, registry_client)
+    root = StoreRoot(store, LayerViewRoot(table, ino=VIEW_ROOT_INO))
+    return FileView(root, config.store, view_dir=config.store / VIEW_NAME, read_only=False)
+
+
+def _wait(server: IpcServer, view: FileView, stop: threading.Event, idle_timeout: float | None) -> None:
+    """Until told to stop, the FUSE mount dies, or `idle_timeout` seconds pass without a
+    client (None: never)."""
     idle_since = time.monotonic()
     while not stop.wait(1.0):
         if not view.alive:
             # Without the view no fd can be served: exit, so that the next client starts a new worker.
             log.error("the layer view is gone: exiting")
             return
-        if server.client_count:
+        if server.client_count or idle_timeout is None:
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since >= idle_timeout:
             log.info("idle for %.0f s: exiting", idle_timeout)
             return
 
 
+def _store_dir(args: argparse.Namespace) -> Path | None:
+    if args.no_store:
+        return None
+    store = args.store or configured_store_dir()
+    return store.absolute() if store is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`crfs worker [--idle-timeout S]`: run the worker in the foreground of this process."""
-    parser = argparse.ArgumentParser(prog="crfs worker", description="serve crfs.so and the crfs CLI")
+    """`crfs worker [OPTIONS]`: run the worker in the foreground of this process (or,
+    with --detach, in the background once it serves)."""
+    parser = argparse.ArgumentParser(prog="crfs worker", description="serve crfs.so, podman's layer store "
+                                                                     "and the crfs CLI")
     parser.add_argument("--idle-timeout", type=float, default=600.0,
-                        help="exit after this many seconds without clients (default 600; inf: never)")
+                        help="exit after this many seconds without clients (default 600; inf: never; "
+                             "never while serving a layer store)")
+    parser.add_argument("--store", type=Path, metavar="DIR",
+                        help="serve podman's additional layer store at DIR (default: the store podman's "
+                             "storage.conf lists, if it is ~/.local/share/crfs/store)")
+    parser.add_argument("--no-store", action="store_true", help="serve no layer store")
+    parser.add_argument("--no-podman-namespace", action="store_true",
+                        help="mount the store where we are, even for a rootless podman user")
+    parser.add_argument("--detach", action="store_true",
+                        help="run in the background; return once the worker serves (or say why not)")
     parser.add_argument("--no-background-fetch", action="store_true",
                         help="fetch only what is read (default: make mounted layers wholly local "
                              "in the background; CRFS_BACKGROUND_FETCH=0 does the same)")
     args = parser.parse_args(argv)
+    if args.detach:
+        return _detach([a for a in (sys.argv[1:] if argv is None else argv) if a != "--detach"])
     ready = ReadyReport.from_environment()
     try:
+        store = _store_dir(args)
+        if store is not None and not args.no_podman_namespace and wants_podman_namespace():
+            # Before any thread exists: a process that runs threads cannot join a user namespace.
+            enter_podman_namespace()
         fetch = FetchOptions.from_environment(background=False if args.no_background_fetch else None)
-        config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout, fetch)
+        config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout, fetch,
+                              store)
     except CrfsError as exc:
         ready.send(f"error: {exc}")
         print(f"crfs worker: {exc}", file=sys.stderr)
         return 1
     return run(config, ready)
+
+
+def _detach(argv: list[str]) -> int:
+    """Starts `crfs worker ARGV` detached and returns once it serves, or says why not."""
+    from .workerstart import ensure_worker as start_unless_running
+
+    try:
+        start_unless_running(timeout=120.0, command=[sys.executable, "-m", "crfs_worker.worker", *argv])
+    except CrfsError as exc:
+        print(f"crfs worker: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------- clients
