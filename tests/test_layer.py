@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import random
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -398,7 +397,9 @@ def test_chunk_range_past_the_blob_end_is_refused(tmp_path):
 # ------------------------------------------------------------------ scale (slow)
 
 
-def _scale(tmp_path, entries: int) -> tuple[float, float, Layer]:
+def _scale(tmp_path, entries: int) -> Layer:
+    """Builds the index of a generated TOC, then opens it again from the cache. Only
+    correctness is asserted here: bench/index_load.py measures time and memory."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "index_load", Path(__file__).resolve().parent.parent / "bench" / "index_load.py")
@@ -406,27 +407,22 @@ def _scale(tmp_path, entries: int) -> tuple[float, float, Layer]:
     spec.loader.exec_module(bench)
     blob_path, digest = bench.generate_blob(tmp_path, entries)
     from crfs_worker.blob import LocalBlob
-    t0 = time.monotonic()
     Layer.open(LayerSource(LocalBlob(blob_path), digest, {}), tmp_path / "index").close()
-    build = time.monotonic() - t0
-    t0 = time.monotonic()
+    built = list((tmp_path / "index").iterdir())
     layer = Layer.open(LayerSource(LocalBlob(blob_path), digest, {}), tmp_path / "index")
-    cached = time.monotonic() - t0
+    assert list((tmp_path / "index").iterdir()) == built  # reused, not rebuilt
     assert layer.index.meta["entries"] == entries
     n = sum(1 for _ in layer.walk())
     assert n > entries * 0.95   # chunk entries and a few duplicate names are not tree nodes
-    return build, cached, layer
+    return layer
 
 
 def test_scale_200k_entries(tmp_path):
     """About 5 s: big enough to use the writer process and the buffer refills."""
-    build, cached, layer = _scale(tmp_path, 200_000)
-    assert cached < 1.0 and build < 30.0, (build, cached)
+    _scale(tmp_path, 200_000).close()
 
 
 @pytest.mark.slow
 def test_scale_1m_entries(tmp_path):
-    """The target is <= 10 s for 1,000,000 entries (bench/index_load.py measures it); the
-    bound here is generous because CI machines are shared. About 25 s with generation."""
-    build, cached, _ = _scale(tmp_path, 1_000_000)
-    assert cached < 1.0 and build < 60.0, (build, cached)
+    """The index of 1,000,000 entries builds and reopens (about 25 s with generation)."""
+    _scale(tmp_path, 1_000_000).close()
