@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import re
 import tempfile
 from contextlib import contextmanager
@@ -27,12 +26,11 @@ from typing import Any, Iterator, Sequence
 
 from .dirs import ensure_private_dir, runtime_dir
 from .errors import CrfsError, FormatError
+from .image import LayerDescriptor, layer_descriptors, parse_platform, select_manifest
+from .imagestore import ImageLocation, open_location
+from .oci_layout import OCI_PREFIX, OciLayout
+from .registry import RegistryClient
 
-ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ZSTD_CHUNKED_CHECKSUMS = (
-    "io.github.containers.zstd-chunked.manifest-checksum",
-    "io.containers.zstd-chunked.manifest-checksum",
-)
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ':', ',' or '/': see the plugin ABI
 INO_BITS = 40                      # an entry's own inode number lives in the low bits
@@ -214,67 +212,35 @@ class KeyStore:
 # ---------------------------------------------------------------------------- images
 
 
-def _current_architecture() -> str:
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
-
-
-def _pick_from_index(data: Any, name: str) -> str:
-    """The digest of the index entry for this machine (linux)."""
-    manifests = data.get("manifests") if isinstance(data, dict) else None
-    if not isinstance(manifests, list) or not manifests:
-        raise FormatError(f"{name}: image index lists no manifests")
-    arch = _current_architecture()
-    for entry in manifests:
-        plat = entry.get("platform") if isinstance(entry, dict) else None
-        if isinstance(plat, dict) and plat.get("os") == "linux" and plat.get("architecture") == arch:
-            digest = entry.get("digest")
-            if isinstance(digest, str) and _DIGEST.match(digest):
-                return digest
-    raise FormatError(f"{name}: image index has no linux/{arch} manifest")
-
-
-def _layer_record(repository: str, descriptor: Any, where: str, allow_unverified: bool) -> LayerRecord:
-    if not isinstance(descriptor, dict):
-        raise FormatError(f"{where}: layer descriptor is not an object")
-    digest, size = descriptor.get("digest"), descriptor.get("size")
-    annotations = descriptor.get("annotations") or {}
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise FormatError(f"{where}: layer digest {digest!r} is not sha256:<64 hex>")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise FormatError(f"{where}: layer {digest} has no valid size")
-    if not isinstance(annotations, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
-    ):
-        raise FormatError(f"{where}: layer {digest} has malformed annotations")
-    toc = annotations.get(ESTARGZ_TOC_DIGEST)
-    if toc is None:
-        toc = next((annotations[k] for k in ZSTD_CHUNKED_CHECKSUMS if k in annotations), None)
+def _layer_record(location: ImageLocation, desc: LayerDescriptor, where: str,
+                  allow_unverified: bool) -> LayerRecord:
+    toc = desc.toc_digest
     if toc is None and not allow_unverified:
         raise CrfsError(
-            f"{where}: layer {digest} carries no TOC digest annotation (not eStargz or "
+            f"{where}: layer {desc.digest} carries no TOC digest annotation (not eStargz or "
             f"zstd:chunked?): it cannot be served lazily and verified"
         )
-    return LayerRecord("registry", repository, digest, size, toc, dict(annotations), allow_unverified)
+    if isinstance(location.store, OciLayout):
+        path = location.store.blob_path(desc.digest)
+        return LayerRecord("file", str(path), desc.digest, desc.size, toc, dict(desc.annotations),
+                           allow_unverified)
+    return LayerRecord("registry", location.store.name, desc.digest, desc.size, toc,
+                       dict(desc.annotations), allow_unverified)
 
 
-def register_image(reference: str, store: KeyStore, client: Any, allow_unverified: bool = False) -> str:
-    """Resolves `reference` (a registry image) and records its layers; returns the KEY."""
-    from .reference import ImageReference
-
-    ref = ImageReference.parse(reference)
-    manifest = client.get_manifest(ref)
-    if manifest.is_index:
-        manifest = client.get_manifest(ref.with_digest(_pick_from_index(json.loads(manifest.data), str(ref))))
-    try:
-        data = json.loads(manifest.data)
-    except ValueError as exc:
-        raise FormatError(f"{ref}: manifest is not JSON: {exc}") from exc
-    layers = data.get("layers") if isinstance(data, dict) else None
-    if not isinstance(layers, list) or not layers:
-        raise FormatError(f"{ref}: manifest {manifest.digest} lists no layers")
-    records = [_layer_record(ref.name, d, f"{ref}@{manifest.digest}", allow_unverified) for d in layers]
-    return store.register(f"{ref.name}@{manifest.digest}", records, key=key_for(manifest.digest))
+def register_image(reference: str, store: KeyStore, client: RegistryClient | None,
+                   allow_unverified: bool = False, platform_text: str | None = None) -> str:
+    """Resolves `reference` (a registry image or `oci:DIR[:TAG]`) and records its layers;
+    returns the KEY."""
+    location = open_location(reference, client)
+    wanted = parse_platform(platform_text) if platform_text else None
+    manifest, doc = select_manifest(location.store, location.target, wanted, reference)
+    where = f"{location.store.name}@{manifest.digest}"
+    descriptors = layer_descriptors(doc, where)
+    if not descriptors:
+        raise FormatError(f"{where}: the manifest lists no layers")
+    records = [_layer_record(location, d, where, allow_unverified) for d in descriptors]
+    return store.register(where, records, key=key_for(manifest.digest))
 
 
 def lowerdir_for(reference: str, *, allow_unverified: bool = False, runtime: Path | None = None,
@@ -282,11 +248,9 @@ def lowerdir_for(reference: str, *, allow_unverified: bool = False, runtime: Pat
     """`//crfs/KEY//` for a registry image: the lowerdir entry fuse-overlayfs needs with
     `-o plugins=.../crfs.so` (the worker finds the image again by KEY)."""
     store = KeyStore(runtime or runtime_dir())
-    if client is not None:
+    if client is not None or reference.startswith(OCI_PREFIX):
         key = register_image(reference, store, client, allow_unverified)
     else:
-        from .registry import RegistryClient
-
         with RegistryClient() as own:
             key = register_image(reference, store, own, allow_unverified)
     return f"//crfs/{key}//"
