@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from .errors import CrfsError, FormatError, InvalidReferenceError
 from .estargz_writer import EstargzOptions, EstargzResult, write_estargz
 from .footer import ESTARGZ_TOC_DIGEST, ESTARGZ_UNCOMPRESSED_SIZE
+from .image import parse_platform
 from .imagestore import (
     DEFAULT_TAG,
     MAX_CONFIG_SIZE,
@@ -117,16 +118,6 @@ def convert(src: str, dst: str, options: ConvertOptions | None = None,
     finally:
         if owned_client and client is not None:
             client.close()
-
-
-def parse_platform(text: str) -> dict[str, str]:
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise InvalidReferenceError(f"platform {text!r} is not os/arch[/variant]")
-    platform = {"os": parts[0], "architecture": parts[1]}
-    if len(parts) == 3:
-        platform["variant"] = parts[2]
-    return platform
 
 
 def _load_json(data: bytes, what: str) -> dict[str, Any]:

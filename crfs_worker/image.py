@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CrfsError, FormatError, NotFoundError
+from .errors import FormatError, InvalidReferenceError, NotFoundError
 from .footer import ESTARGZ_TOC_DIGEST, OLD_ZSTD_MANIFEST_CHECKSUM, ZSTD_MANIFEST_CHECKSUM
 from .imagestore import ImageLocation, ImageStore, open_location
 from .layer import Layer, LayerSource
@@ -56,7 +56,7 @@ def host_platform() -> dict[str, str]:
 def parse_platform(text: str) -> dict[str, str]:
     parts = text.split("/")
     if len(parts) not in (2, 3) or not all(parts):
-        raise CrfsError(f"platform {text!r} is not OS/ARCH[/VARIANT]")
+        raise InvalidReferenceError(f"platform {text!r} is not OS/ARCH[/VARIANT]")
     wanted = {"os": parts[0], "architecture": parts[1]}
     if len(parts) == 3:
         wanted["variant"] = parts[2]
