@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from crfs_worker.chunkfetch import FetchGate, Span, plan_spans, spans_for
+from crfs_worker.chunkfetch import FetchGate, plan_spans, spans_for
 from crfs_worker.chunkstore import STALE_TEMP_SECONDS, ChunkStore
 from crfs_worker.errors import VerificationError
 from crfs_worker.layerkeys import KeyStore, LayerRecord
