@@ -1,0 +1,131 @@
+"""Rootless podman runs eStargz images lazily through crfs, end to end.
+
+A non-root user set up by podman-examples/setup-rootless.sh; a Debian image made with
+debootstrap (cached under /var/cache/crfs-tests), imported and pushed as gzip by podman
+to a real docker-registry whose access log counts every byte fetched, converted with
+`crfs convert`. For both ways podman reads store layers, the layer store alone
+(mount_program = fuse-overlayfs) and the wrapper that reads them through crfs.so, with a
+cold worker: pull, run python3, write inside the container, run again, push the lazily
+pulled image elsewhere and run that, rmi, and run the gzip original under the same config.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support.podman import (
+    PATHS,
+    E2EImages,
+    LoggedRegistry,
+    PathReport,
+    PodmanUser,
+    debootstrap_tarball,
+    prepare_images,
+    remove_tree,
+    run_path,
+)
+
+USER = "crfs-e2e"
+LAZY_LIMIT = 0.25  # pull + first run may fetch at most this share of the compressed image
+
+pytestmark = [
+    pytest.mark.skipif(os.getuid() != 0, reason="creates a user and runs podman as it: needs root"),
+    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None,
+                       reason="needs podman and debootstrap"),
+]
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[PodmanUser]:
+    created = PodmanUser.ensure(USER)
+    yield created
+    created.stop_worker()
+
+
+@pytest.fixture(scope="module")
+def work(user: PodmanUser) -> Iterator[Path]:
+    path = user.make_dir(user.home / "e2e" / uuid.uuid4().hex[:8])
+    yield path
+    remove_tree(path)
+    for runroot in user.runtime.glob(f"e2e-*{path.name}"):
+        remove_tree(runroot)
+
+
+@pytest.fixture(scope="module")
+def images(user: PodmanUser, work: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EImages]:
+    registry = LoggedRegistry.start(tmp_path_factory.mktemp("e2e-registry"))
+    try:
+        yield prepare_images(user, registry, debootstrap_tarball(), work)
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="module")
+def reports(user: PodmanUser, images: E2EImages, work: Path) -> dict[str, PathReport]:
+    """Each path once (they take a while); the tests below check what they did."""
+    return {path: run_path(user, images, work, path) for path in PATHS}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_container_starts_lazily(reports: dict[str, PathReport], path: str) -> None:
+    report = reports[path]
+    assert report.outputs["first"] == "42"
+    # Only TOCs at pull time; the run fetched a small part of the image.
+    assert 0 < report.pull_fetched < report.fetched
+    assert report.fraction < LAZY_LIMIT, f"{path}: fetched {report.fetched} of {report.image_bytes} bytes"
+    assert report.uses_added_by_pull == 1  # one layer, in use by the pulled image
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_container_writes_and_runs_again(reports: dict[str, PathReport], path: str) -> None:
+    outputs = reports[path].outputs
+    assert outputs["write"].splitlines() == ["written", "appended", "removed"]
+    assert outputs["second"] == "42"
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pushed_copy_and_gzip_original_run(reports: dict[str, PathReport], path: str) -> None:
+    outputs = reports[path].outputs
+    assert outputs["pushed"] == "43"
+    assert outputs["gzip"] == "44"
+    assert reports[path].uses_left_by_rmi == 0  # rmi released the store layer
+
+
+def test_plugin_path_reads_store_layers_through_crfs_so(reports: dict[str, PathReport]) -> None:
+    # Every container of the eStargz image mounted its store layer as //crfs/KEY//.
+    assert reports["plugin"].plugin_mounts >= 3
+    assert reports["store"].plugin_mounts == 0
+
+
+def test_store_is_mounted_in_podmans_namespace_only(user: PodmanUser, reports: dict[str, PathReport]) -> None:
+    pid = user.worker_pid()
+    assert pid is not None
+    pause = int((user.runtime / "libpod" / "tmp" / "pause.pid").read_text())
+    assert os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat(f"/proc/{pause}/ns/mnt").st_ino
+    assert user.store_mounted()
+    ours = Path("/proc/self/mountinfo").read_text()
+    assert str(user.store) not in ours
+
+
+def test_setup_script_is_idempotent(user: PodmanUser) -> None:
+    conf = user.home / ".config" / "containers" / "storage.conf"
+    before = conf.read_bytes(), Path("/etc/subuid").read_text()
+    again = PodmanUser.ensure(USER)
+    assert (conf.read_bytes(), Path("/etc/subuid").read_text()) == before
+    assert sum(line.startswith(f"{USER}:") for line in before[1].splitlines()) == 1
+    assert again.uid == user.uid
+    assert oct(os.stat("/dev/fuse").st_mode & 0o777) == "0o666"
+
+
+def test_setup_script_refuses_bad_input() -> None:
+    script = Path(__file__).resolve().parent.parent / "podman-examples" / "setup-rootless.sh"
+    for args, message in ((["no-such-user-crfs"], "no such user"), (["root"], "must not be root"), ([], "usage")):
+        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
+        assert result.returncode != 0
+        assert message in (result.stderr + result.stdout).lower()
