@@ -534,6 +534,26 @@ def test_no_leaks_under_valgrind(plugin_session: PluginSession, tmp_path: Path) 
     assert "ERROR SUMMARY: 0 errors" in result.stderr
 
 
+def test_no_leaks_or_overflows_under_address_sanitizer(plugin_session: PluginSession, tmp_path: Path) -> None:
+    """The same harness, built with -fsanitize=address, loading the ASan build of the
+    plugin (make crfs-asan.so): any overflow, use after free or leak fails it."""
+    plugin_so = build_plugin("crfs-asan.so")
+    source = tmp_path / "harness.c"
+    source.write_text(textwrap.dedent(HARNESS))
+    binary = tmp_path / "harness-asan"
+    subprocess.run(["gcc", "-O0", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-Wall",
+                    "-o", str(binary), str(source), "-ldl"], check=True)
+    env = {**os.environ, **plugin_session.env,
+           "ASAN_OPTIONS": "detect_leaks=1:exitcode=98:detect_stack_use_after_return=1",
+           "LSAN_OPTIONS": "exitcode=97"}
+    result = subprocess.run([str(binary), str(plugin_so), plugin_session.key], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "ok"
+    assert "ERROR: AddressSanitizer" not in result.stderr
+    assert "ERROR: LeakSanitizer" not in result.stderr
+
+
 def _load_in_subprocess(session: PluginSession, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(f"""
         import cffi, errno
