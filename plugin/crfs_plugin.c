@@ -26,6 +26,10 @@
  *                      looked up in PATH. It is started only when no worker answers,
  *                      detached (double fork, setsid, stdio on /dev/null, no other fds).
  *   CRFS_WORKER_START_TIMEOUT  seconds to wait for a started worker (default 30).
+ *   CRFS_BACKGROUND_FETCH, CRFS_FETCH_ATTEMPTS, CRFS_FETCH_DEADLINE, CRFS_CACHE_DIR
+ *                      not read here: a worker this plugin starts inherits the whole
+ *                      environment and honours them (background fetch on/off, the retry
+ *                      bound of registry requests, where the chunk store lives).
  *   CRFS_PLUGIN_LOG    if set, a file that gets one line per call (for tracing).
  *
  * Errors follow libc conventions: -1 (or NULL) with errno. A lost worker is reconnected
