@@ -6,8 +6,8 @@
     STORE/BASE64REF/DIGEST/crfs.key  KEY of `//crfs/KEY//` (for the mount_program wrapper)
     STORE/.layers/NUM/...            the layer view crfs.so takes fds from (fileview.py)
 
-BASE64REF is the standard base64 of the reference podman pulls (`host/repo:tag`; a '/'
-in it splits it into nested directories, which are followed). DIGEST is the layer's
+BASE64REF is the standard base64 of the reference podman pulls (`host/repo:tag`: ASCII,
+so its base64 never holds a '/'). DIGEST is the layer's
 compressed blob digest (containers/storage up to 1.53, podman 4.x) or its TOC digest
 (1.54 on): both answer. Only layers with a TOC digest (eStargz, zstd:chunked) are here;
 for any other, `diff` does not exist and podman pulls the layer as usual.
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from .blob import BlobReader
-from .errors import FormatError, InvalidReferenceError, VerificationError
+from .errors import FormatError, InvalidReferenceError, NotFoundError, VerificationError
 from .fileview import EntryStatLike, LayerFileHandle, entry_attr, join_path
 from .footer import ESTARGZ_UNCOMPRESSED_SIZE
 from .fusetree import BaseNode, BytesFile, FileHandle, Node, NodeAttr, fs_error, refuse_writes
@@ -194,15 +194,19 @@ class ImageResolver:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def find(self, ref: str, digest: str) -> StoreLayer:
-        """The layer `digest` of image `ref`: FileNotFoundError if the image has no such
-        layer; NotFoundError (from the registry) if there is no such image."""
+        """The layer `digest` of image `ref`; FileNotFoundError if there is no such image,
+        the image has no such layer, or the layer is not seekable."""
         with self._lock:
             cached = self._images.get(ref)
         if cached is not None:
             found = _find_in(cached, ref, digest)
             if found is not None or time.monotonic() - cached[0].fetched_at < REFRESH_AFTER:
                 return _found_or_missing(found, ref, digest)
-        images = self._resolve(ref, digest)
+        try:
+            images = self._resolve(ref, digest)
+        except NotFoundError as exc:
+            log.info("store: %s", exc)
+            raise fs_error(errno.ENOENT, str(exc)) from None  # podman reports the missing image itself
         with self._lock:
             self._images[ref] = images
         return _found_or_missing(_find_in(images, ref, digest), ref, digest)
@@ -371,6 +375,7 @@ class LayerStore:
                                      repr=False)
     _opened: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False)
     _trees: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False)
+    bad_blobs: set[str] = field(default_factory=set, init=False)  # blobs that did not match their digest
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def ino_for(self, *key: str) -> int:
@@ -509,33 +514,71 @@ class DiffEntry(BaseNode):
 # ---------------------------------------------------------------------------- blob
 
 
-BLOB_WINDOW = 4 << 20  # one Range request per 4 MiB, not per kernel read (128 KiB)
+BLOB_WINDOW = 4 << 20     # one Range request per 4 MiB, not per kernel read (128 KiB)
+EARLY_LIMIT = 64 << 20    # bytes read ahead of the hashed prefix kept for the digest check
+
+
+@dataclass
+class DigestCheck:
+    """Hashes a blob from the pieces readers get, in whatever order they come (the kernel
+    reads ahead in parallel), so that whoever completes the blob learns whether it matched.
+    A mismatch is remembered in `bad` (shared by the store): every later read fails too."""
+
+    size: int
+    digest: str
+    bad: set[str]
+    _hasher: Any = field(default_factory=hashlib.sha256, init=False, repr=False)
+    _hashed: int = field(default=0, init=False, repr=False)
+    _early: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)
+    _early_bytes: int = field(default=0, init=False, repr=False)
+
+    def check_known(self, name: str) -> None:
+        if self.digest in self.bad:
+            raise VerificationError(f"{name}: blob does not match its digest {self.digest}")
+
+    def add(self, offset: int, data: bytes, name: str) -> None:
+        if offset > self._hashed:
+            if offset not in self._early and self._early_bytes + len(data) <= EARLY_LIMIT:
+                self._early[offset] = data
+                self._early_bytes += len(data)
+            return
+        self._take(offset, data)
+        while True:
+            start = next((o for o in self._early if o <= self._hashed), None)
+            if start is None:
+                break
+            piece = self._early.pop(start)
+            self._early_bytes -= len(piece)
+            self._take(start, piece)
+        if self._hashed == self.size and "sha256:" + self._hasher.hexdigest() != self.digest:
+            self.bad.add(self.digest)
+            self.check_known(name)
+
+    def _take(self, offset: int, data: bytes) -> None:
+        new = data[self._hashed - offset:]
+        if new:
+            self._hasher.update(new)
+            self._hashed += len(new)
 
 
 @dataclass
 class BlobHandle:
-    """The raw blob, read through a window; reads from the start on check the blob's
-    digest, so a reader that gets to the end never gets wrong bytes without an error."""
+    """The raw blob, read through a window and checked against its digest."""
 
     blob: BlobReader
-    digest: str
+    check: DigestCheck
     _window: bytes = field(default=b"", init=False, repr=False)
     _window_start: int = field(default=0, init=False, repr=False)
-    _hasher: Any = field(default_factory=hashlib.sha256, init=False, repr=False)
-    _hashed: int = field(default=0, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
+            self.check.check_known(self.blob.name)
             size = max(0, min(size, self.blob.size - offset))
             if size == 0:
                 return b""
             data = self._from_window(offset, size)
-            if offset == self._hashed:
-                self._hasher.update(data)
-                self._hashed += len(data)
-                if self._hashed == self.blob.size and "sha256:" + self._hasher.hexdigest() != self.digest:
-                    raise VerificationError(f"{self.blob.name}: blob does not match its digest {self.digest}")
+            self.check.add(offset, data, self.blob.name)
             return data
 
     def _from_window(self, offset: int, size: int) -> bytes:
@@ -559,7 +602,10 @@ class BlobFile(BaseNode):
 
     def open(self, flags: int) -> FileHandle:
         refuse_writes(flags, "blob")
-        return BlobHandle(self.store.layers.get(self.num).blob, self.layer.blob_digest)
+        blob = self.store.layers.get(self.num).blob
+        check = DigestCheck(blob.size, self.layer.blob_digest, self.store.bad_blobs)
+        check.check_known(blob.name)
+        return BlobHandle(blob, check)
 
 
 # ---------------------------------------------------------------------------- store nodes
@@ -618,42 +664,31 @@ class LayerDir(BaseNode):
 
 @dataclass(frozen=True)
 class RefDir(BaseNode):
-    """STORE/BASE64REF (or a part of it before a '/' of the base64 text)."""
+    """STORE/BASE64REF: the layers of one image reference."""
 
     store: LayerStore
-    name: str
-
-    @property
-    def ref(self) -> str | None:
-        return decode_ref(self.name)
+    name: str   # the base64 text
+    ref: str    # what it decodes to
 
     def attr(self) -> NodeAttr:
         return NodeAttr.directory(self.store.ino_for("ref", self.name), 0o555)
 
     def lookup(self, name: str) -> tuple[Node, NodeAttr]:
-        ref = self.ref
-        if ref is not None and is_valid_digest(name):
-            node: Node = LayerDir(self.store, ref, name)
-        elif len(self.name) + len(name) < MAX_REF_NAME:
-            node = RefDir(self.store, f"{self.name}/{name}")
-        else:
+        if not is_valid_digest(name):
             raise fs_error(errno.ENOENT, name)
+        node = LayerDir(self.store, self.ref, name)
         return node, node.attr()
 
     def children(self) -> list[tuple[str, Node, NodeAttr]]:
-        ref = self.ref
-        if ref is None:
-            return []
         out: list[tuple[str, Node, NodeAttr]] = []
-        for digest in sorted(set(self.store.uses.digests(ref))):
-            node = LayerDir(self.store, ref, digest)
+        for digest in sorted(set(self.store.uses.digests(self.ref))):
+            node = LayerDir(self.store, self.ref, digest)
             out.append((digest, node, node.attr()))
         return out
 
     def rmdir(self, name: str) -> None:
-        ref = self.ref
-        if ref is not None and is_valid_digest(name):
-            self.store.release(ref, name)
+        if is_valid_digest(name):
+            self.store.release(self.ref, name)
         raise fs_error(errno.ENOENT, name)  # what containers/storage expects of a counting store
 
 
@@ -670,18 +705,17 @@ class StoreRoot(BaseNode):
     def lookup(self, name: str) -> tuple[Node, NodeAttr]:
         if name == VIEW_NAME:
             return self.view, self.view.attr()
-        if len(name) >= MAX_REF_NAME or name.startswith("."):
+        ref = decode_ref(name) if len(name) < MAX_REF_NAME else None
+        if ref is None:
             raise fs_error(errno.ENOENT, name)
-        node = RefDir(self.store, name)
+        node = RefDir(self.store, name, ref)
         return node, node.attr()
 
     def children(self) -> list[tuple[str, Node, NodeAttr]]:
         out: list[tuple[str, Node, NodeAttr]] = []
         for ref in self.store.known_refs():
-            name = encode_ref(ref).split("/", 1)[0]
-            node = RefDir(self.store, name)
-            if all(existing != name for existing, _, _ in out):
-                out.append((name, node, node.attr()))
+            node = RefDir(self.store, encode_ref(ref), ref)
+            out.append((node.name, node, node.attr()))
         return out
 
 
