@@ -315,18 +315,30 @@ class ChunkFetcher:
 
     def _claim(self, target: FetchTarget, chunks: Sequence[ChunkLike]
                ) -> tuple[list[ChunkLike], list[tuple[Hashable, _Flight]]]:
+        """Splits missing chunks into those this caller fetches and the flights of those
+        others are fetching; chunks that became local meanwhile are neither."""
         mine: list[ChunkLike] = []
         theirs: list[tuple[Hashable, _Flight]] = []
         with self._lock:
             for chunk in chunks:
                 key = flight_key(target, chunk)
                 flight = self._flights.get(key)
-                if flight is None:
+                if flight is not None:
+                    theirs.append((key, flight))
+                elif not self._landed_meanwhile(target, chunk):
                     self._flights[key] = _Flight()
                     mine.append(chunk)
-                else:
-                    theirs.append((key, flight))
         return mine, theirs
+
+    def _landed_meanwhile(self, target: FetchTarget, chunk: ChunkLike) -> bool:
+        """Whether a fetch that ended after the caller looked has stored the chunk. A
+        fetcher stores before it lands its flight, so with no flight in the table (checked
+        under the lock) the store tells. (Undigested chunks may, rarely, be fetched twice:
+        their bytes must come back to the caller, and the memory cache may drop them.)"""
+        if chunk.digest is not None and self.store.has(chunk.digest, chunk.size):
+            target.note_local(chunk.digest, chunk.size)
+            return True
+        return False
 
     def _land(self, target: FetchTarget, chunk: ChunkLike, data: bytes | None,
               error: BaseException | None) -> None:
