@@ -35,6 +35,8 @@ Semantics (the tar's truth, as extraction would make it):
   is a file turns that path into a directory.
 - hardlinks: the target must be an earlier entry (the newest earlier one of that name);
   links to missing, later or directory targets are refused, so cycles cannot exist.
+- a chunk (the unit that is decompressed and verified at once) may hold at most
+  `max_chunk` bytes: a reader must not be made to inflate gigabytes for one small read.
 - whiteouts (`.wh.NAME`, `.wh..wh..opq`) are kept as the entries they are.
 - chunk compressed ends: stargz/eStargz/zstdchunked-estargz: the next distinct offset
   among later data entries with innerOffset 0, the TOC's start for the last;
@@ -56,7 +58,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import CrfsError, FormatError
-from .toc import TocEntry
+from .toc import TocEntry, TocLimits
 
 SCHEMA_VERSION = 1
 ROOT_INO = 1
@@ -135,6 +137,8 @@ _INSERT_XATTR = "INSERT OR REPLACE INTO xattr VALUES (?,?,?)"
 # do that: the sqlite3 module takes the GIL back for every row.
 PROCESS_BUILD_MIN_JSON = 16 << 20
 
+MAX_CHUNK = TocLimits().max_chunk_size
+
 
 def _open_build_db(path: str, create: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -177,10 +181,12 @@ def _insert_nodes(db: sqlite3.Connection, rows: list[list], dropped: dict, name:
 class IndexBuilder:
     """Writes the index of one TOC into `path` (a fresh file). Feed `add()`, then `finish()`."""
 
-    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int) -> None:
+    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int,
+                 max_chunk: int = MAX_CHUNK) -> None:
         self.path = Path(path)
         self.name = name
         self.fmt = fmt
+        self.max_chunk = max_chunk
         self.zstd_chunked = fmt == "zstd:chunked"
         self.payload_end = payload_end
         self.db = _open_build_db(str(self.path), create=True)
@@ -208,6 +214,10 @@ class IndexBuilder:
 
     def _bad(self, name: str, what: str) -> FormatError:
         return FormatError(f"{self.name}: TOC entry {name[:200]!r}: {what}")
+
+    def _chunk_too_big(self, name: str, size: int) -> FormatError:
+        return self._bad(name, f"has a chunk of {size} bytes, more than the limit of "
+                               f"{self.max_chunk} bytes decoded at once")
 
     def add_all(self, entries: Iterable[TocEntry]) -> None:
         add = self.add
@@ -244,6 +254,8 @@ class IndexBuilder:
                 # The file's first (often only) chunk lives in its row.
                 if coff:
                     raise self._bad(name, f"first chunk starts at {coff}, not 0")
+                if (csize or size) > self.max_chunk:
+                    raise self._chunk_too_big(name, csize or size)
                 if offset <= 0:
                     raise self._bad(name, "has file data but no data offset")
                 if not inner and offset != self.pend_start:
@@ -345,6 +357,8 @@ class IndexBuilder:
         csize = e.chunk_size or size - foff
         if foff + csize > size:
             raise self._bad(name, f"chunk [{foff}, {foff + csize}) runs past the file's {size} bytes")
+        if csize > self.max_chunk:
+            raise self._chunk_too_big(name, csize)
         offset = e.offset
         if offset <= 0:
             raise self._bad(name, "has file data but no data offset")
@@ -511,17 +525,19 @@ def _write_frame(f: Any, obj: Any) -> None:
 
 
 def _builder_main() -> None:
-    """Builder process (`python -c`): argv = [path, layer name, format, payload end].
+    """Builder process (`python -c`): argv = [path, layer name, format, payload end, max chunk].
 
     Reads frames of entry tuples from stdin, then ("finish", meta); answers ("ok",) or
     ("error", is_format_error, message) on stdout.
     """
     gc.disable()
     path, name, fmt, payload_end = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    max_chunk = int(sys.argv[5])
     out = sys.stdout.buffer
     builder = None
     try:
-        builder = IndexBuilder(Path(path), name=name, fmt=fmt, payload_end=payload_end)
+        builder = IndexBuilder(Path(path), name=name, fmt=fmt, payload_end=payload_end,
+                               max_chunk=max_chunk)
         inp = sys.stdin.buffer
         while True:
             kind, payload = _read_frame(inp)
@@ -551,7 +567,8 @@ class ProcessIndexBuilder:
 
     BATCH = 20000
 
-    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int) -> None:
+    def __init__(self, path: Path, *, name: str, fmt: str, payload_end: int,
+                 max_chunk: int = MAX_CHUNK) -> None:
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -559,7 +576,7 @@ class ProcessIndexBuilder:
         self.entries = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from crfs_worker.index import _builder_main; _builder_main()",
-             str(path), name, fmt, str(payload_end)],
+             str(path), name, fmt, str(payload_end), str(max_chunk)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
         )
 
@@ -625,14 +642,15 @@ class ProcessIndexBuilder:
 
 
 def make_builder(path: Path, *, name: str, fmt: str, payload_end: int,
-                 json_size: int | None) -> IndexBuilder | ProcessIndexBuilder:
+                 json_size: int | None, max_chunk: int = MAX_CHUNK) -> IndexBuilder | ProcessIndexBuilder:
     """A builder process for large TOCs (when one can be started), else one in-process."""
     if json_size is not None and json_size >= PROCESS_BUILD_MIN_JSON and sys.executable:
         try:
-            return ProcessIndexBuilder(path, name=name, fmt=fmt, payload_end=payload_end)
+            return ProcessIndexBuilder(path, name=name, fmt=fmt, payload_end=payload_end,
+                                       max_chunk=max_chunk)
         except OSError:
             pass
-    return IndexBuilder(path, name=name, fmt=fmt, payload_end=payload_end)
+    return IndexBuilder(path, name=name, fmt=fmt, payload_end=payload_end, max_chunk=max_chunk)
 
 
 # ------------------------------------------------------------------------ reading

@@ -106,7 +106,7 @@ class Layer:
     """A verified layer. Create with `Layer.open`."""
 
     def __init__(self, source: LayerSource, index: Index, footer: Footer, toc_digest: str,
-                 verified: bool) -> None:
+                 verified: bool, limits: TocLimits | None = None) -> None:
         self.source = source
         self.blob = source.blob
         self.name = source.blob.name
@@ -116,6 +116,7 @@ class Layer:
         self.toc_digest = toc_digest
         self.verified = verified
         self.allow_unverified = source.allow_unverified
+        self.limits = limits or TocLimits()
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ opening
@@ -158,7 +159,7 @@ class Layer:
         if key is not None:
             cached = cls._cached(index_dir / f"{key[7:]}.sqlite", blob, footer)
             if cached is not None:
-                return cls(source, cached, footer, key, verified=True)
+                return cls(source, cached, footer, key, verified=True, limits=limits)
         return cls._build(source, index_dir, footer, plain, compressed, key, limits)
 
     @staticmethod
@@ -198,7 +199,8 @@ class Layer:
                 first = next(pieces, b"")
                 # Large TOCs are indexed by a builder process (see index.make_builder).
                 builder = make_builder(tmp, name=blob.name, fmt=footer.format,
-                                       payload_end=footer.payload_end, json_size=toc.json_size)
+                                       payload_end=footer.payload_end, json_size=toc.json_size,
+                                       max_chunk=limits.max_chunk_size)
                 parser = TocParser(itertools.chain((first,), pieces), name=blob.name,
                                    payload_end=footer.payload_end, limits=limits)
                 builder.add_all(parser.entries())
@@ -226,7 +228,7 @@ class Layer:
             toc.close()
             if gc_was_enabled:
                 gc.enable()
-        return cls(source, Index(final, blob.name), footer, digest, verified=verified)
+        return cls(source, Index(final, blob.name), footer, digest, verified=verified, limits=limits)
 
     @staticmethod
     def _verify(toc: TocSource, name: str, plain: str | None, compressed: str | None,
@@ -341,6 +343,12 @@ class Layer:
             if any(r.digest is None and not r.zeros for r in rows):
                 fdigest = self.index.file_digest(ino)
                 if fdigest is not None:
+                    if s.size > self.limits.max_chunk_size:
+                        # Verified whole means decoded whole, in memory: bounded.
+                        raise UnverifiableError(
+                            f"{self.name}: {norm}: file of {s.size} bytes can only be verified "
+                            f"whole, and that is more than the limit of "
+                            f"{self.limits.max_chunk_size} bytes decoded at once")
                     rows = self.index.chunks(ino)
                     return [Chunk(norm, ino, 0, s.size, min(r.cstart for r in rows),
                                   max(r.cend for r in rows), 0, fdigest, False, tuple(rows))]

@@ -9,11 +9,13 @@ scanner (`scan_once`, what `raw_decode` uses underneath) and turns each into a v
 
 Validation (everything a hostile TOC could use against us is refused with a FormatError
 naming the layer and the entry):
-- names are normalised (leading `./` and `/` stripped, `//` and `.` collapsed, trailing
-  `/` dropped); `..` components, NUL bytes, lone surrogates, components over 255 bytes and
-  paths over 4096 bytes are refused;
+- names are normalised (leading `./` stripped, `//` and `.` collapsed, trailing `/`
+  dropped); absolute names (and hardlink targets), `..` components, NUL bytes, lone
+  surrogates, components over 255 bytes and paths over 4096 bytes are refused (no
+  eStargz, stargz or zstd:chunked producer writes an absolute name; `./x` they do write);
 - integers must be JSON integers in [0, 2**62) (uid/gid/devices < 2**32); JSON floats are
-  refused anywhere; totals (entries, regular file bytes, TOC bytes) have limits;
+  refused anywhere; totals (entries, regular file bytes, TOC bytes) have limits, and so
+  has the JSON text of one entry (a huge value would otherwise be rescanned as it grows);
 - data offsets must lie inside the blob's payload (before the TOC);
 - digests must be `sha256:` + 64 hex digits; xattr values must be valid base64;
 - unknown keys are ignored (crfs writes a stray "NumLink"; zstd:chunked adds accesstime...).
@@ -58,6 +60,8 @@ class TocLimits:
     max_total_size: int = 1 << 50         # sum of regular file sizes (1 PiB)
     max_xattr_value: int = 65536          # Linux XATTR_SIZE_MAX
     max_path: int = 4096                  # Linux PATH_MAX
+    max_entry_bytes: int = 8 << 20        # JSON text of one entry (or other top-level value)
+    max_chunk_size: int = 256 << 20       # bytes decoded as one unit (a chunk, a legacy file)
     read_size: int = 8 << 20              # compressed bytes fetched per read_range call
 
 
@@ -100,6 +104,10 @@ _new_entry = tuple.__new__
 # ------------------------------------------------------------------------ field helpers
 
 _SEPARATOR = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# Tar entries after the TOC's in its gzip member: end-of-archive blocks and the padding to
+# a tar record (10 KiB); anything much larger is not a TOC member a producer wrote.
+_TOC_MEMBER_TAIL = 64 * 1024
 _TIME = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:[Zz]|([+-])(\d\d):(\d\d))\Z"
 )
@@ -329,6 +337,11 @@ class TocSource:
         self.plain_bytes += len(data)
         if self.plain_bytes > self.limits.max_toc_bytes:
             raise self._bomb()
+        declared = self.json_size
+        if declared is not None and self.plain_bytes > declared:
+            # Refused now, not at the end: the rest could be gigabytes.
+            raise FormatError(f"{self.name}: TOC decompresses to more than the {declared} bytes "
+                              f"its {'footer' if self.footer.is_zstd else 'tar header'} declares")
         self._plain.update(data)
         return data
 
@@ -419,10 +432,14 @@ class TocSource:
                         raise FormatError(f"{self.name}: TOC tar entry is truncated")
                     left -= len(piece)
                     yield self._emit(piece)
-                # Decode the rest of the member (tar padding and end blocks, bounded) so
-                # that its CRC is checked: every byte of the TOC member is accounted for.
-                while src.read_some(self.OUT_PIECE) is not None:
-                    pass
+                # Decode the rest of the member (tar padding and end blocks) so that its
+                # CRC is checked: every byte of the TOC member is accounted for.
+                tail = 0
+                while (piece := src.read_some(self.OUT_PIECE)) is not None:
+                    tail += len(piece)
+                    if tail > _TOC_MEMBER_TAIL:
+                        raise FormatError(f"{self.name}: TOC gzip member holds more than "
+                                          f"{_TOC_MEMBER_TAIL} bytes after the TOC")
                 return
             # Some other entry before the TOC: skip it (bounded by the member's size limit).
             if src.skip(padded) is False:
@@ -552,10 +569,13 @@ class TocParser:
         """Append the next piece to the text buffer (dropping what was consumed)."""
         if self._eof:
             return False
-        # Gather a good amount at once: each refill copies the unconsumed rest of the buffer.
+        # Gather a good amount at once: each refill copies the unconsumed rest of the buffer,
+        # and a value that straddles the end is scanned again from its start. Gathering at
+        # least as much as is pending keeps both linear in the size of a large value.
+        want = max(_REFILL, len(self._s) - self._pos)
         texts, got = [], 0
         try:
-            while got < _REFILL:
+            while got < want:
                 piece = next(self._it, None)
                 if piece is None:
                     texts.append(self._dec.decode(b"", True))
@@ -572,12 +592,11 @@ class TocParser:
     def _skip_ws(self) -> str:
         """Skip whitespace; return the next character ("" at the end of input)."""
         while True:
-            s, pos = self._s, self._pos
-            n = len(s)
-            while pos < n and s[pos] in " \t\n\r":
-                pos += 1
+            s = self._s
+            # A regex, not a loop: a hostile TOC may hold a gigabyte of whitespace.
+            pos = _WHITESPACE.match(s, self._pos).end()
             self._pos = pos
-            if pos < n:
+            if pos < len(s):
                 return s[pos]
             if not self._more():
                 return ""
@@ -589,6 +608,11 @@ class TocParser:
             try:
                 value, end = self._scan(s, self._pos)
             except (StopIteration, json.JSONDecodeError) as e:
+                if len(s) - self._pos > self.limits.max_entry_bytes:
+                    # Whether it is malformed or just huge, more text cannot make it usable.
+                    what = e.msg if isinstance(e, json.JSONDecodeError) else "no value"
+                    raise FormatError(f"{self.name}: TOC entry #{self.count} is not a JSON value "
+                                      f"of at most {self.limits.max_entry_bytes} bytes ({what})") from None
                 if self._more():
                     continue
                 raise FormatError(f"{self.name}: TOC is not valid JSON near byte "
@@ -723,6 +747,8 @@ class TocParser:
         # normalize_name's checks, inlined for the common clean name.
         if (not name or name[0] in "./" or name[-1] in "./" or "//" in name or "/." in name
                 or "\x00" in name or len(name) > 255 or not name.isascii()):
+            if name[:1] == "/":
+                raise self._bad(d, "name is an absolute path (layer names are relative)")
             try:
                 name = normalize_name(name, self.limits.max_path)
             except ValueError as e:
@@ -853,6 +879,8 @@ class TocParser:
         if type(link) is not str:
             raise self._bad(d, "linkName is not a string")
         if typ == "hardlink":
+            if link[0] == "/":
+                raise self._bad(d, "hardlink target is an absolute path (layer names are relative)")
             try:
                 link = normalize_name(link, self.limits.max_path)
             except ValueError as e:

@@ -58,7 +58,7 @@ def entry(draw):
     """(JSON dict, expected TocEntry)."""
     typ = draw(st.sampled_from(["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]))
     name = draw(names)
-    prefix = draw(st.sampled_from(["", "./", "/"]))
+    prefix = draw(st.sampled_from(["", "./"]))  # absolute names are refused (test_hostile_toc.py)
     d: dict = {"name": prefix + name + ("/" if typ == "dir" and draw(st.booleans()) else ""), "type": typ}
     exp = dict(name=name, type=typ)
     perm = draw(st.integers(0, 0o7777))
