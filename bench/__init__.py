@@ -1,0 +1,1 @@
+"""crfs benchmarks (not tests): `python bench/run.py`, see bench/README.md."""
