@@ -47,7 +47,8 @@ def _alive_pid(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    if not text.isdigit() or not Path(f"/proc/{text}/ns/mnt").exists():
+    # /proc/PID itself: its ns/ entries may be closed to us (another user namespace).
+    if not text.isdigit() or not os.path.isdir(f"/proc/{text}"):
         return None
     return int(text)
 
@@ -88,7 +89,19 @@ def join(pid: int) -> None:
 @dataclass(frozen=True)
 class PodmanNamespace:
     pid: int
-    joined: bool  # False: we were inside already
+    joined: bool      # False: we were inside already
+    pid_file: Path    # where podman names its pause process
+
+    def moved(self) -> bool:
+        """Whether podman now keeps another namespace (its pause process was restarted,
+        e.g. by `podman system migrate`): our mounts are then invisible to it."""
+        pid = _alive_pid(self.pid_file)
+        if pid is None:
+            return False  # none yet: the next podman command starts one
+        try:
+            return not inside(pid)
+        except OSError:
+            return True  # a namespace we cannot even look into is not ours
 
 
 def enter_podman_namespace(podman: str = "podman") -> PodmanNamespace:
@@ -106,9 +119,9 @@ def enter_podman_namespace(podman: str = "podman") -> PodmanNamespace:
             raise NamespaceError(f"`podman unshare true` did not leave a pause process in {pid_file}: "
                                  f"{result.stderr.strip() or 'no error printed'}")
     if inside(pid):
-        return PodmanNamespace(pid, joined=False)
+        return PodmanNamespace(pid, False, pid_file)
     join(pid)
-    return PodmanNamespace(pid, joined=True)
+    return PodmanNamespace(pid, True, pid_file)
 
 
 def wants_podman_namespace() -> bool:

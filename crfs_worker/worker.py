@@ -45,12 +45,13 @@ from .ipc import IpcServer, WorkerClient
 from .layerkeys import KeyStore
 from .layerstore import VIEW_NAME, StoreRoot, configured_store_dir, open_store
 from .lowerlayer import LayerTable, LowerLayerService
-from .usernamespace import enter_podman_namespace, wants_podman_namespace
+from .usernamespace import PodmanNamespace, enter_podman_namespace, wants_podman_namespace
 from .prefetch import FetchOptions, progress_label
 
 log = logging.getLogger("crfs_worker")
 
 SOCKET_NAME = "worker.sock"
+NAMESPACE_CHECK_TICKS = 5  # seconds between checks that podman still uses the namespaces we joined
 
 
 def socket_path(runtime: Path | None = None) -> Path:
@@ -65,6 +66,7 @@ class WorkerConfig:
     idle_timeout: float
     fetch: FetchOptions = field(default_factory=FetchOptions)
     store: Path | None = None   # podman's additional layer store, served when set
+    podman: PodmanNamespace | None = None  # rootless podman's namespaces, joined to serve the store
 
     @property
     def chunks(self) -> Path:
@@ -159,7 +161,7 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
         log.info("worker %d serving %s", os.getpid(), server.path)
         ready.send("ready")
         try:
-            _wait(server, view, stop, None if config.store else config.idle_timeout)
+            _wait(server, view, stop, None if config.store else config.idle_timeout, config.podman)
         finally:
             server.stop()
     except (CrfsError, OSError) as exc:
@@ -192,14 +194,22 @@ def _file_view(config: WorkerConfig, table: LayerTable) -> FileView:
     return FileView(root, config.store, view_dir=config.store / VIEW_NAME, read_only=False)
 
 
-def _wait(server: IpcServer, view: FileView, stop: threading.Event, idle_timeout: float | None) -> None:
-    """Until told to stop, the FUSE mount dies, or `idle_timeout` seconds pass without a
-    client (None: never)."""
+def _wait(server: IpcServer, view: FileView, stop: threading.Event, idle_timeout: float | None,
+          podman: PodmanNamespace | None = None) -> None:
+    """Until told to stop, the FUSE mount dies, podman moves to new namespaces, or
+    `idle_timeout` seconds pass without a client (None: never)."""
     idle_since = time.monotonic()
+    ticks = 0
     while not stop.wait(1.0):
+        ticks += 1
         if not view.alive:
             # Without the view no fd can be served: exit, so that the next client starts a new worker.
             log.error("the layer view is gone: exiting")
+            return
+        if podman is not None and ticks % NAMESPACE_CHECK_TICKS == 0 and podman.moved():
+            # A process cannot move from one user namespace to a sibling: a new worker must.
+            log.error("podman moved to new namespaces (its pause process restarted): exiting, so that a "
+                      "new worker serves the layer store where podman can see it")
             return
         if server.client_count or idle_timeout is None:
             idle_since = time.monotonic()
@@ -240,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ready = ReadyReport.from_environment()
     try:
         store = _store_dir(args)
+        podman = None
         if store is not None and not args.no_podman_namespace and wants_podman_namespace():
             # Before any thread exists: a process that runs threads cannot join a user namespace.
-            enter_podman_namespace()
+            podman = enter_podman_namespace()
         fetch = FetchOptions.from_environment(background=False if args.no_background_fetch else None)
         config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout, fetch,
-                              store)
+                              store, podman)
     except CrfsError as exc:
         ready.send(f"error: {exc}")
         print(f"crfs worker: {exc}", file=sys.stderr)

@@ -4,10 +4,12 @@ As root, once: a Debian image made with debootstrap (cached in /var/cache/crfs-t
 the user `crfs-e2e` set up with podman-examples/setup-rootless.sh, a local
 docker-registry with its access log on. podman imports and pushes the image (gzip),
 `crfs convert` makes an eStargz copy; then for each way podman reads the crfs layer store
-(the store alone, and the mount_program wrapper that reads it through crfs.so) a cold
+(`store`: fuse-overlayfs over the store alone; `plugin`: the mount_program wrapper that
+reads store layers through crfs.so; `kernel`: the kernel's rootless overlay) a cold
 worker serves `podman pull` and `podman run IMAGE python3 -c 'print(42)'`, and the
 registry's access log says how many bytes that cost against the image's compressed size.
-The rest of the flow (writes, a second run, push, rmi, the gzip original) runs too.
+The rest of the flow (writes, a second run, rmi; for store and plugin also a push of the
+lazily pulled image, a run of that copy and of the gzip original) runs too.
 
     .venv/bin/python scripts/podman_job.py
 """
@@ -23,6 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.support.podman import (  # noqa: E402 (after the path setup)
+    FULL_FLOW,
     PATHS,
     REPORT_HEADER,
     CommandError,
@@ -56,7 +59,7 @@ def run_main_job(user_name: str = USER, out=sys.stdout) -> list[PathReport]:  # 
             print(REPORT_HEADER, file=out, flush=True)
             reports = []
             for path in PATHS:
-                report = run_path(user, images, work, path)
+                report = run_path(user, images, work, path, full=path in FULL_FLOW)
                 reports.append(report)
                 print(report.line(), file=out, flush=True)
             for report in reports:

@@ -228,7 +228,9 @@ def test_kernel_overlay_and_fuse_overlayfs_merge_the_diff_trees(worker: StoreWor
         links[-1].symlink_to(worker.layer_dir(pushed.esgz, digest) / "diff")
     lowers = ":".join(map(str, links))
     expected = expected_merged(pushed.image)
+    # userxattr: the kernel reads user.overlay.* as in a rootless podman's overlay.
     for name, command in (("kernel", ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers}"]),
+                          ("userxattr", ["mount", "-t", "overlay", "overlay", "-o", f"userxattr,lowerdir={lowers}"]),
                           ("fuse", ["fuse-overlayfs", "-o", f"lowerdir={lowers}"])):
         merged = tmp_path / name
         merged.mkdir()

@@ -3,9 +3,9 @@
 A non-root user set up by podman-examples/setup-rootless.sh; a Debian image made with
 debootstrap (cached under /var/cache/crfs-tests), imported and pushed as gzip by podman
 to a real docker-registry whose access log counts every byte fetched, converted with
-`crfs convert`. For both ways podman reads store layers, the layer store alone
-(mount_program = fuse-overlayfs) and the wrapper that reads them through crfs.so, with a
-cold worker: pull, run python3, write inside the container, run again, push the lazily
+`crfs convert`. For each way podman reads store layers (the layer store alone through
+fuse-overlayfs, the mount_program wrapper that reads them through crfs.so, and the
+kernel's rootless overlay without a mount program), with a cold worker: pull, run python3, write inside the container, run again, push the lazily
 pulled image elsewhere and run that, rmi, and run the gzip original under the same config.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from tests.support.podman import (
+    FULL_FLOW,
     PATHS,
     E2EImages,
     LoggedRegistry,
@@ -69,7 +71,7 @@ def images(user: PodmanUser, work: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def reports(user: PodmanUser, images: E2EImages, work: Path) -> dict[str, PathReport]:
     """Each path once (they take a while); the tests below check what they did."""
-    return {path: run_path(user, images, work, path) for path in PATHS}
+    return {path: run_path(user, images, work, path, full=path in FULL_FLOW) for path in PATHS}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -90,17 +92,21 @@ def test_container_writes_and_runs_again(reports: dict[str, PathReport], path: s
 
 
 @pytest.mark.parametrize("path", list(PATHS))
+def test_rmi_releases_the_store_layer(reports: dict[str, PathReport], path: str) -> None:
+    assert reports[path].uses_left_by_rmi == 0
+
+
+@pytest.mark.parametrize("path", FULL_FLOW)
 def test_pushed_copy_and_gzip_original_run(reports: dict[str, PathReport], path: str) -> None:
     outputs = reports[path].outputs
     assert outputs["pushed"] == "43"
     assert outputs["gzip"] == "44"
-    assert reports[path].uses_left_by_rmi == 0  # rmi released the store layer
 
 
 def test_plugin_path_reads_store_layers_through_crfs_so(reports: dict[str, PathReport]) -> None:
     # Every container of the eStargz image mounted its store layer as //crfs/KEY//.
     assert reports["plugin"].plugin_mounts >= 3
-    assert reports["store"].plugin_mounts == 0
+    assert reports["store"].plugin_mounts == reports["kernel"].plugin_mounts == 0
 
 
 def test_store_is_mounted_in_podmans_namespace_only(user: PodmanUser, reports: dict[str, PathReport]) -> None:
@@ -129,3 +135,22 @@ def test_setup_script_refuses_bad_input() -> None:
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
         assert result.returncode != 0
         assert message in (result.stderr + result.stdout).lower()
+
+
+def test_worker_follows_podman_into_new_namespaces(user: PodmanUser, reports: dict[str, PathReport]) -> None:
+    """`podman system migrate` restarts podman's pause process: the worker, stuck in the
+    old namespaces, exits (a process cannot join a sibling user namespace) and a new one
+    serves the store where podman looks."""
+    old = user.worker_pid()
+    assert old is not None
+    user.podman(None, "system", "migrate")
+    user.podman(None, "info", "--format", "{{.Host.OCIRuntime.Name}}")  # starts the new pause process
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{old}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{old}").exists(), user.worker_log()
+    assert "podman moved to new namespaces" in user.worker_log()
+    new = user.start_worker()
+    pause = int((user.runtime / "libpod" / "tmp" / "pause.pid").read_text())
+    assert os.stat(f"/proc/{new}/ns/mnt").st_ino == os.stat(f"/proc/{pause}/ns/mnt").st_ino
+    assert user.store_mounted()

@@ -170,9 +170,9 @@ class PodmanRoot:
     store: Path
 
     def args(self) -> list[str]:
+        program = ["--storage-opt", f"overlay.mount_program={self.mount_program}"] if self.mount_program else []
         return ["--root", str(self.graphroot), "--runroot", str(self.runroot), "--storage-driver", "overlay",
-                "--storage-opt", f"overlay.mount_program={self.mount_program}",
-                "--storage-opt", f"overlay.additionallayerstore={self.store}:ref"]
+                *program, "--storage-opt", f"overlay.additionallayerstore={self.store}:ref"]
 
 
 @dataclass
@@ -282,7 +282,10 @@ class PodmanUser:
 # ---------------------------------------------------------------------------- the flow
 
 WRAPPER = "/usr/local/libexec/crfs/fuse-overlayfs"  # what setup-rootless.sh installs
-PATHS = {"store": "/usr/bin/fuse-overlayfs", "plugin": WRAPPER}
+# How podman stacks store layers: fuse-overlayfs reading the store alone, the wrapper
+# (through crfs.so), and the kernel's rootless overlay (no mount program).
+PATHS = {"store": "/usr/bin/fuse-overlayfs", "plugin": WRAPPER, "kernel": ""}
+FULL_FLOW = ("store", "plugin")  # push, the pushed copy and the gzip original: podman's part, once per mount program
 PLUGIN_LINE = re.compile(r" ([1-9]\d*) lower\(s\) via crfs\.so: ")
 
 
@@ -323,7 +326,7 @@ def prepare_images(user: PodmanUser, registry: LoggedRegistry, tarball: Path, wo
 class PathReport:
     """What one way of running podman with crfs did and cost."""
 
-    path: str                   # "store" (the layer store alone) or "plugin" (the wrapper)
+    path: str                   # "store", "plugin" or "kernel" (see PATHS)
     image_bytes: int
     pull_fetched: int = 0       # registry blob bytes during the pull (TOCs)
     fetched: int = 0            # ... during the pull and the first run
@@ -358,9 +361,10 @@ def _output(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout.strip()
 
 
-def run_path(user: PodmanUser, images: E2EImages, work: Path, path: str) -> PathReport:
-    """The whole flow with a cold worker: pull, run, write, run again, push, rmi, run the
-    pushed copy and the gzip original. Raises CommandError naming the failing step."""
+def run_path(user: PodmanUser, images: E2EImages, work: Path, path: str, full: bool = True) -> PathReport:
+    """The flow with a cold worker: pull, run, write, run again, rmi; `full` adds a push
+    of the lazily pulled image, a run of that copy and one of the gzip original. Raises
+    CommandError naming the failing step."""
     report = PathReport(path, images.esgz_bytes)
     registry = images.registry
     base = user.make_dir(work / path)
@@ -393,19 +397,21 @@ def run_path(user: PodmanUser, images: E2EImages, work: Path, path: str) -> Path
     report.outputs["second"] = _output(user.podman(root, *run, images.esgz_ref, "python3", "-c", "print(42)"))
 
     pushed = f"{registry.host}/e2e/pushed-{path}:v1"
-    user.podman(root, "push", "--quiet", "--tls-verify=false", images.esgz_ref, pushed)
+    if full:
+        user.podman(root, "push", "--quiet", "--tls-verify=false", images.esgz_ref, pushed)
     user.podman(root, "rmi", images.esgz_ref)
     report.uses_left_by_rmi = _uses(user, images) - uses_before
-    fresh = PodmanRoot(user.make_dir(base / "fresh"), user.make_dir(user.runtime / f"e2e-{path}-fresh-{work.name}"),
-                       PATHS[path], user.store)
-    report.outputs["pushed"] = _output(user.podman(fresh, *run, "--tls-verify=false", pushed,
-                                                   "python3", "-c", "print(43)"))
-    report.outputs["gzip"] = _output(user.podman(root, *run, "--tls-verify=false", images.gzip_ref,
-                                                 "python3", "-c", "print(44)"))
     if mount_log.exists():
         report.plugin_mounts = sum(1 for line in mount_log.read_text().splitlines() if PLUGIN_LINE.search(line))
-    for each in (root, fresh):
-        user.podman(each, "rmi", "-a", "-f", check=False)
+    if full:
+        fresh = PodmanRoot(user.make_dir(base / "fresh"),
+                           user.make_dir(user.runtime / f"e2e-{path}-fresh-{work.name}"), PATHS[path], user.store)
+        report.outputs["pushed"] = _output(user.podman(fresh, *run, "--tls-verify=false", pushed,
+                                                       "python3", "-c", "print(43)"))
+        report.outputs["gzip"] = _output(user.podman(root, *run, "--tls-verify=false", images.gzip_ref,
+                                                     "python3", "-c", "print(44)"))
+        user.podman(fresh, "rmi", "-a", "-f", check=False)
+    user.podman(root, "rmi", "-a", "-f", check=False)
     return report
 
 
