@@ -19,7 +19,11 @@ Requests (all idempotent, so a client may resend after reconnecting):
     getxattr  {layer, path, name}         -> {value: bin}
     open      {layer, path, flags}        -> fd
     stats     {}                          -> {layers: [{num, name, fetched, cached,
-                                               requests, failures}, ...]}
+                                               requests, failures,
+                                               background: {state, done, total, error},
+                                               prefetch: {state, bytes, error}}, ...]}
+                                             (bytes; background state off | queued |
+                                             running | complete | failed)
 Only a peer running as our own uid is served (SO_PEERCRED), and the socket lives in a
 0700 directory.
 """
