@@ -35,8 +35,9 @@ Semantics (the tar's truth, as extraction would make it):
   is a file turns that path into a directory.
 - hardlinks: the target must be an earlier entry (the newest earlier one of that name);
   links to missing, later or directory targets are refused, so cycles cannot exist.
-- a chunk (the unit that is decompressed and verified at once) may hold at most
-  `max_chunk` bytes: a reader must not be made to inflate gigabytes for one small read.
+- a chunk (the unit that is decompressed and verified at once) may need at most
+  `max_chunk` bytes inflated (innerOffset + size): a reader must not be made to inflate
+  gigabytes for one small read.
 - whiteouts (`.wh.NAME`, `.wh..wh..opq`) are kept as the entries they are.
 - chunk compressed ends: stargz/eStargz/zstdchunked-estargz: the next distinct offset
   among later data entries with innerOffset 0, the TOC's start for the last;
@@ -215,8 +216,10 @@ class IndexBuilder:
     def _bad(self, name: str, what: str) -> FormatError:
         return FormatError(f"{self.name}: TOC entry {name[:200]!r}: {what}")
 
-    def _chunk_too_big(self, name: str, size: int) -> FormatError:
-        return self._bad(name, f"has a chunk of {size} bytes, more than the limit of "
+    def _chunk_too_big(self, name: str, inner: int, size: int) -> FormatError:
+        # Decoding a chunk inflates its innerOffset bytes too, then drops them.
+        what = f"{size} bytes" if not inner else f"{size} bytes at innerOffset {inner}"
+        return self._bad(name, f"has a chunk of {what}, more than the limit of "
                                f"{self.max_chunk} bytes decoded at once")
 
     def add_all(self, entries: Iterable[TocEntry]) -> None:
@@ -254,8 +257,8 @@ class IndexBuilder:
                 # The file's first (often only) chunk lives in its row.
                 if coff:
                     raise self._bad(name, f"first chunk starts at {coff}, not 0")
-                if (csize or size) > self.max_chunk:
-                    raise self._chunk_too_big(name, csize or size)
+                if inner + (csize or size) > self.max_chunk:
+                    raise self._chunk_too_big(name, inner, csize or size)
                 if offset <= 0:
                     raise self._bad(name, "has file data but no data offset")
                 if not inner and offset != self.pend_start:
@@ -357,8 +360,8 @@ class IndexBuilder:
         csize = e.chunk_size or size - foff
         if foff + csize > size:
             raise self._bad(name, f"chunk [{foff}, {foff + csize}) runs past the file's {size} bytes")
-        if csize > self.max_chunk:
-            raise self._chunk_too_big(name, csize)
+        if e.inner_offset + csize > self.max_chunk:
+            raise self._chunk_too_big(name, e.inner_offset, csize)
         offset = e.offset
         if offset <= 0:
             raise self._bad(name, "has file data but no data offset")

@@ -379,7 +379,8 @@ class Layer:
             reader = dctx.stream_reader(io.BytesIO(raw), read_across_frames=False)
             parts, got = [], 0
             while got < want:
-                piece = reader.read(want - got)
+                # Bounded pieces: read(n) allocates n bytes up front, however short the frame.
+                piece = reader.read(min(want - got, 4 << 20))
                 if not piece:
                     break
                 parts.append(piece)
