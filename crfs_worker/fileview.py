@@ -20,12 +20,11 @@ import errno
 import itertools
 import logging
 import os
-import stat
 import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import pyfuse3
 import trio
@@ -260,7 +259,7 @@ class ViewOperations(pyfuse3.Operations):
         node = self._node(inode)
         return await self._run(False, node.xattr, os.fsdecode(name))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # The kernel forgets an inode only when nothing (no dentry, no open fd) uses it,
         # and looks it up again before any later use: the mapping can go.
         for ino, count in inode_list:

@@ -61,7 +61,9 @@ def supports_plugins(program: str) -> bool:
 
 def split_options(text: str) -> list[str]:
     """Splits a -o value on commas outside double quotes (SELinux `context="a,b"`)."""
-    out, current, quoted = [], [], False
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted

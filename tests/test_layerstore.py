@@ -30,7 +30,7 @@ import pytest
 
 from crfs_worker.convert import ConvertOptions, convert
 from crfs_worker.estargz_writer import EstargzOptions
-from crfs_worker.layerstore import USES_FILE, VIEW_NAME, decode_ref, encode_ref, read_use_counts
+from crfs_worker.layerstore import USES_FILE, VIEW_NAME, encode_ref, read_use_counts
 from crfs_worker.progress import Progress
 from crfs_worker.reference import ImageReference
 from tests.support.images import ExpectedEntry, TestImage, build_test_image, push_image
