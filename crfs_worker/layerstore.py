@@ -338,10 +338,14 @@ class UseCounts:
         with self._lock:
             return sorted({r for r, _ in self._counts})
 
+    def all(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
 
 def read_use_counts(runtime: Path) -> dict[tuple[str, str], int]:
-    """What the worker's store counts now, for tests and `crfs stats`-like tools."""
-    return dict(UseCounts(runtime / USES_FILE)._counts)
+    """(reference, digest) -> uses, as the worker serving the store last wrote them."""
+    return UseCounts(runtime / USES_FILE).all()
 
 
 # ---------------------------------------------------------------------------- the store
