@@ -112,6 +112,7 @@ _TIME = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:[Zz]|([+-])(\d\d):(\d\d))\Z"
 )
 _HEX64 = re.compile(r"sha256:([0-9a-fA-F]{64})\Z")
+_MIN_NS, _MAX_NS = -(2**63), 2**63 - 1  # what st_mtime and SQLite can hold
 
 
 def normalize_name(name: str, max_path: int = 4096) -> str:
@@ -158,7 +159,10 @@ def parse_time_ns(s: str) -> int:
         off = int(m.group(9)) * 3600 + int(m.group(10)) * 60
         secs -= off if m.group(8) == "+" else -off
     frac = m.group(7)
-    return secs * 1_000_000_000 + (int(frac.ljust(9, "0")) if frac else 0)
+    ns = secs * 1_000_000_000 + (int(frac.ljust(9, "0")) if frac else 0)
+    # Nanoseconds since 1970 fit 64 bits only from 1677 to 2262; Go's zero time (year 1)
+    # and far futures are real tar values, so they saturate rather than being refused.
+    return min(max(ns, _MIN_NS), _MAX_NS)
 
 
 def parse_digest(s: Any) -> bytes:
