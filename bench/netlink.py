@@ -306,7 +306,7 @@ def _http_get(conn: socket.socket, reader: BinaryIO, host: str, path: str) -> tu
     conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n".encode())
     status = reader.readline()
     first = time.monotonic() - started
-    if not status.startswith(b"HTTP/1.1 2") and not status.startswith(b"HTTP/1.1 3"):
+    if status.split(b" ")[1:2] != [b"200"]:
         raise LinkError(f"GET {path} through the link answered {status!r}")
     length = 0
     while (line := reader.readline()) not in (b"\r\n", b""):

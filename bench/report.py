@@ -51,7 +51,13 @@ def markdown(machine: Machine, reps: int, figures: list[Figure], failures: list[
         lines += ["", "## Notes", ""]
         lines += [f"- {f.bench} {f.name}: {f.notes}" for f in notes]
     if extras:
-        lines += ["", "## Recorded facts", "", "```", json.dumps(extras, indent=1, default=str), "```"]
+        lines += ["", "## Recorded facts", ""]
+        for key, value in extras.items():
+            if isinstance(value, dict):
+                lines.append(f"- {key}:")
+                lines += [f"  - {k}: `{json.dumps(v, default=str)}`" for k, v in value.items()]
+            else:
+                lines.append(f"- {key}: `{json.dumps(value, default=str)}`")
     return "\n".join(lines) + "\n"
 
 
