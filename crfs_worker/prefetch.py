@@ -9,8 +9,10 @@ flight, each chunk verified before it is stored. On-demand reads go first (see
 chunkfetch.FetchGate). A layer whose background fetch failed (registry down) is tried
 again later, a few times, and whenever it is mounted again.
 
-How long one registry request may keep retrying is bounded by CRFS_FETCH_ATTEMPTS and
-CRFS_FETCH_DEADLINE (seconds): a read while the registry is down fails (EIO) after that.
+How long one registry request may take is bounded by CRFS_FETCH_ATTEMPTS tries and
+CRFS_FETCH_DEADLINE seconds: no retry starts after the deadline, and each try gives up
+after that long without progress (connecting, or between bytes). A read while the registry
+is down fails (EIO) within that bound instead of hanging.
 """
 from __future__ import annotations
 
@@ -92,8 +94,11 @@ class FetchOptions:
         retry = RetryPolicy(attempts=self.attempts, backoff_base=base.retry.backoff_base,
                             backoff_max=min(base.retry.backoff_max, self.deadline),
                             total_max=self.deadline)
-        # A host that does not answer at all must not hold a reader longer than the bound.
-        timeouts = replace(base.timeouts, connect=min(base.timeouts.connect, self.deadline))
+        # A host that does not answer, or stalls mid-answer, must not hold a reader for
+        # longer than the bound per try.
+        bound = self.deadline
+        timeouts = replace(base.timeouts, connect=min(base.timeouts.connect, bound),
+                           read=min(base.timeouts.read, bound), pool=min(base.timeouts.pool, bound))
         return replace(base, retry=retry, timeouts=timeouts)
 
 

@@ -412,3 +412,23 @@ def test_ensure_worker_says_why_a_worker_cannot_start(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CRFS_WORKER_CMD", f"{tmp_path}/no-such-worker --x")
     with pytest.raises(WorkerStartError, match="no-such-worker --x': No such file or directory"):
         ensure_worker(runtime)  # the exec's own errno, reported through the pipe
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_fetch_options_from_the_environment() -> None:
+    from crfs_worker.errors import CrfsError
+    from crfs_worker.prefetch import FetchOptions
+
+    assert FetchOptions.from_environment({}).background is True
+    assert FetchOptions.from_environment({"CRFS_BACKGROUND_FETCH": "0"}).background is False
+    assert FetchOptions.from_environment({"CRFS_BACKGROUND_FETCH": "1"}, background=False).background is False
+    options = FetchOptions.from_environment({"CRFS_FETCH_ATTEMPTS": "2", "CRFS_FETCH_DEADLINE": "5"})
+    config = options.registry_config()
+    assert (config.retry.attempts, config.retry.total_max) == (2, 5.0)
+    assert max(config.timeouts.connect, config.timeouts.read, config.timeouts.pool) <= 5.0
+    for name, value in (("CRFS_BACKGROUND_FETCH", "maybe"), ("CRFS_FETCH_ATTEMPTS", "0"),
+                        ("CRFS_FETCH_DEADLINE", "soon"), ("CRFS_FETCH_DEADLINE", "nan")):
+        with pytest.raises(CrfsError, match=name):
+            FetchOptions.from_environment({name: value})
