@@ -744,7 +744,7 @@ class TocParser:
         get = d.get
         typ = get("type")
         name = get("name")
-        if typ not in ENTRY_TYPES:
+        if type(typ) is not str or typ not in ENTRY_TYPES:  # (a list is not even hashable)
             raise self._bad(d, f"has unknown type {str(typ)[:40]!r}")
         if type(name) is not str:
             raise self._bad(d, "has no name")
@@ -796,10 +796,12 @@ class TocParser:
                 raise self._bad(d, f"endOffset {end_offset} is not after offset {offset}")
 
         t = get("modtime")
-        if t:
+        if type(t) is str and t:
             mtime = self._times.get(t)
             if mtime is None:
                 mtime = self._time(d, t)
+        elif t:
+            raise self._bad(d, f"modtime {str(t)[:40]!r} is not an RFC 3339 time")
         else:
             mtime = 0
 
