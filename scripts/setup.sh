@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-exec .venv/bin/python scripts/main_job.py "$@"
+exec .venv/bin/python scripts/podman_job.py "$@"

@@ -1,4 +1,4 @@
-"""The main job: a local registry, an image converted to eStargz, files read lazily.
+"""A quick demo without podman: a local registry, an image converted to eStargz, files read lazily.
 
 Starts Debian's docker-registry on a free loopback port, builds a two-layer image
 (busybox-static, and this machine's Python standard library as bulk), converts it with
