@@ -95,10 +95,17 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Timeouts:
+    """Seconds. `connect`, `read`, `write`, `pool` bound each network step (httpx's
+    meaning: `read` is the longest silence while waiting for bytes); `range_body` bounds
+    the whole body of one ranged GET, so a registry that trickles bytes just fast enough
+    never to be silent for `read` cannot hold a reader forever. A failed attempt is
+    retried under the RetryPolicy, whose `total_max` bounds the whole operation."""
+
     connect: float = 15.0
     read: float = 60.0
     write: float = 60.0
     pool: float = 60.0
+    range_body: float = 120.0
 
     def as_httpx(self) -> httpx.Timeout:
         return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
@@ -543,7 +550,8 @@ class RegistryClient:
             if response.status_code == 200:
                 return _whole_blob_as_range(response, ref.registry, what, offset, length)
             _check_content_range(response, ref.registry, what, offset, last)
-            data = _read_limited(response, length, f"registry {ref.registry}: {what}")
+            data = _read_limited(response, length, f"registry {ref.registry}: {what}",
+                                 time_limit=self._config.timeouts.range_body)
             if len(data) != length:
                 raise RegistryError(f"registry {ref.registry}: {what}: got {len(data)} bytes")
             return data
@@ -844,14 +852,19 @@ def _with_mirror_failures(exc: RegistryError, failures: list[str]) -> RegistryEr
     return type(exc)(f"{exc} (mirrors tried first: {'; '.join(failures)})")
 
 
-def _read_limited(response: httpx.Response, limit: int, what: str) -> bytes:
+def _read_limited(response: httpx.Response, limit: int, what: str, time_limit: float | None = None) -> bytes:
+    """The body, at most `limit` bytes; with `time_limit`, a body that takes longer than
+    that many seconds is a transient failure (retried like a broken-off download)."""
     pieces: list[bytes] = []
     total = 0
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     for piece in response.iter_bytes():
         total += len(piece)
         if total > limit:
             raise FormatError(f"{what}: answer larger than the expected {limit} bytes")
         pieces.append(piece)
+        if deadline is not None and time.monotonic() > deadline and total < limit:
+            raise _Transient(f"body too slow: {total} of {limit} bytes in {time_limit} s")
     return b"".join(pieces)
 
 

@@ -23,8 +23,10 @@ import http.client
 import json
 import re
 import shutil
+import signal
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -164,6 +166,7 @@ class RegistryProcess:
     def stop(self) -> None:
         if self._process is None:
             return
+        self._process.send_signal(signal.SIGCONT)  # a paused process would not act on SIGTERM
         self._process.terminate()
         try:
             self._process.wait(timeout=10)
@@ -175,6 +178,16 @@ class RegistryProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the registry still accepts connections (the kernel's backlog) but
+        answers nothing, like a hung server."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     def _wait_until_answering(self) -> None:
         verify: Any = True
@@ -605,7 +618,11 @@ class FaultRelay:
     matching requests with `status` instead of forwarding), `cut_next(n, after_bytes)`
     (hang up on the next n GET answers after that many body bytes, the full length
     announced), `redirect_blobs_to` (answer blob GET/HEAD with 307 to a BlobHost once
-    the registry has accepted them)."""
+    the registry has accepted them), `reset_next(n)` (reset the next n connections
+    (TCP RST) instead of answering; the `/v2/` probe is spared), `slow_next(n, piece, interval)` (send the next n GET
+    bodies `piece` bytes at a time, `interval` seconds apart), `corrupt_next(n, at)` (flip
+    the byte at body offset `at` of the next n GET answers longer than that: wrong bytes
+    with right headers)."""
 
     upstream: str
     ignore_range: bool = False
@@ -616,6 +633,12 @@ class FaultRelay:
     _fail_method: str | None = field(default=None, init=False)
     _cuts_left: int = field(default=0, init=False)
     _cut_after: int = field(default=0, init=False)
+    _resets_left: int = field(default=0, init=False)
+    _slow_left: int = field(default=0, init=False)
+    _slow: tuple[int, float] = field(default=(1, 0.0), init=False)
+    _corrupt_left: int = field(default=0, init=False)
+    _corrupt_at: int = field(default=0, init=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False)
     _in_flight: int = field(default=0, init=False)
     _records: list[RelayRecord] = field(default_factory=list, init=False)
     _changed: threading.Condition = field(default_factory=threading.Condition, init=False)
@@ -635,6 +658,18 @@ class FaultRelay:
         with self._changed:
             self._cuts_left, self._cut_after = count, after_bytes
 
+    def reset_next(self, count: int) -> None:
+        with self._changed:
+            self._resets_left = count
+
+    def slow_next(self, count: int, piece: int, interval: float) -> None:
+        with self._changed:
+            self._slow_left, self._slow = count, (max(1, piece), interval)
+
+    def corrupt_next(self, count: int, at: int = 0) -> None:
+        with self._changed:
+            self._corrupt_left, self._corrupt_at = count, at
+
     def records(self, timeout: float = 30.0) -> list[RelayRecord]:
         """Every finished request, once none is in flight: the relay logs a request after
         its last byte is sent, which can be after the client has already moved on."""
@@ -649,13 +684,14 @@ class FaultRelay:
             return list(self._records)
 
     def start(self) -> "FaultRelay":
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _relay_handler(self))
+        server = _QuietServer(("127.0.0.1", 0), _relay_handler(self))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._server = server
         return self
 
     def stop(self) -> None:
+        self._stopped.set()  # ends the pauses of slow bodies
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -675,6 +711,28 @@ class FaultRelay:
                 return self._cut_after
             return None
 
+    def _take_reset(self) -> bool:
+        with self._changed:
+            if self._resets_left > 0:
+                self._resets_left -= 1
+                return True
+            return False
+
+    def _take_slow(self, method: str) -> tuple[int, float] | None:
+        with self._changed:
+            if self._slow_left > 0 and method == "GET":
+                self._slow_left -= 1
+                return self._slow
+            return None
+
+    def _take_corruption(self, method: str, length: str | None) -> int | None:
+        with self._changed:
+            long_enough = length is not None and length.isdigit() and int(length) > self._corrupt_at
+            if self._corrupt_left > 0 and method == "GET" and long_enough:
+                self._corrupt_left -= 1
+                return self._corrupt_at
+            return None
+
     def _begin(self) -> None:
         with self._changed:
             self._in_flight += 1
@@ -684,6 +742,16 @@ class FaultRelay:
             self._records.append(record)
             self._in_flight -= 1
             self._changed.notify_all()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Clients hanging up on the relay is what the fault tests do: not worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
@@ -701,6 +769,13 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
         def _relay(self) -> None:
             relay._begin()
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path != "/v2/" and relay._take_reset():
+                # SO_LINGER 0: close() sends a TCP RST, what a crashing peer or proxy does.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+                relay._record(RelayRecord(self.command, self.path, 0, self.headers.get("Range"), 0, False))
+                return
             failure = relay._take_failure(self.command, self.path)
             if failure is not None:
                 self._answer(failure, b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}')
@@ -743,21 +818,38 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
             self.end_headers()
             sent, completed = 0, True
-            cut_after = relay._take_cut(self.command) if response.status in (200, 206) else None
+            ok = response.status in (200, 206)
+            cut_after = relay._take_cut(self.command) if ok else None
+            slow = relay._take_slow(self.command) if ok else None
+            corrupt_at = relay._take_corruption(self.command, length) if ok else None
             if self.command != "HEAD":
                 try:
                     while piece := response.read(64 * 1024):
+                        if corrupt_at is not None and sent <= corrupt_at < sent + len(piece):
+                            flipped = bytearray(piece)
+                            flipped[corrupt_at - sent] ^= 0xFF
+                            piece = bytes(flipped)
                         if cut_after is not None and sent + len(piece) > cut_after:
                             self.wfile.write(piece[: cut_after - sent])
                             sent, completed = cut_after, False
                             self.close_connection = True
                             break
-                        self.wfile.write(piece)
+                        if slow is not None:
+                            self._write_slowly(piece, *slow)
+                        else:
+                            self.wfile.write(piece)
                         sent += len(piece)
                 except (BrokenPipeError, ConnectionResetError):
                     completed = False
                     self.close_connection = True
             relay._record(RelayRecord(self.command, self.path, response.status, range_header, sent, completed))
+
+        def _write_slowly(self, data: bytes, piece: int, interval: float) -> None:
+            for start in range(0, len(data), piece):
+                if relay._stopped.wait(interval):
+                    raise BrokenPipeError("relay stopped")
+                self.wfile.write(data[start : start + piece])
+                self.wfile.flush()
 
         def _answer(self, status: int, payload: bytes) -> None:
             self.send_response(status)
