@@ -281,7 +281,9 @@ def _single_layer_resolver(layer: Layer) -> Callable[[str], tuple[Layer, str]]:
 # ---------------------------------------------------------------- worker
 
 def run_lowerdir(args: argparse.Namespace) -> int:
-    print(lowerdir_for(args.ref, allow_unverified=args.allow_unverified))
+    value = lowerdir_for(args.ref, allow_unverified=args.allow_unverified)
+    worker.ensure_worker()  # so the first mount does not wait for a worker to start
+    print(value)
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -207,3 +209,23 @@ def test_pip_install_gives_a_working_crfs_command(tmp_path: Path) -> None:
     help_run = subprocess.run([str(target / "bin" / "crfs"), "--help"], env=env,
                               capture_output=True, text=True, cwd=tmp_path)
     assert help_run.returncode == 0 and "convert" in help_run.stdout
+
+
+def test_lowerdir_starts_the_worker_and_stats_report_it(
+        converted: tuple[str, TestImage], tmp_path: Path) -> None:
+    ref, image = converted
+    env = {**os.environ, "CRFS_CACHE_DIR": str(tmp_path / "cache"),
+           "CRFS_RUNTIME_DIR": str(tmp_path / "run"), "CRFS_BACKGROUND_FETCH": "0"}
+    crfs = [sys.executable, "-m", "crfs_worker.cli"]
+    try:
+        run = subprocess.run([*crfs, "lowerdir", ref], env=env, capture_output=True, text=True, cwd=REPO)
+        assert run.returncode == 0, run.stderr
+        assert re.fullmatch(r"//crfs/[A-Za-z0-9_.-]+//\n", run.stdout)
+        stats = subprocess.run([*crfs, "stats", "--json"], env=env, capture_output=True, text=True, cwd=REPO)
+        assert stats.returncode == 0, stats.stderr  # the worker answers: lowerdir started it
+        assert isinstance(json.loads(stats.stdout), list)
+    finally:
+        lock = tmp_path / "run" / "worker.lock"
+        pid = lock.read_text().strip() if lock.exists() else ""
+        if pid.isdigit():
+            os.kill(int(pid), signal.SIGTERM)
