@@ -57,6 +57,18 @@ home=$(getent passwd "$user" | cut -d: -f6)
 [ -d "$home" ] || die "$user has no home directory ($home)"
 "$python" -c 'import crfs_worker.worker' 2>/dev/null || die "crfs is not installed for $python (set CRFS_PYTHON)"
 
+# ---- crfs must be usable by USER. A checkout USER cannot read (under /root, say) is
+# installed once more, for all users, in /opt/crfs (not editable: code and crfs.so copied).
+if ! (cd / && runuser -u "$user" -- "$python" -c 'import crfs_worker.worker') 2>/dev/null; then
+  system=/opt/crfs
+  echo "$user cannot use $python: installing crfs for all users in $system"
+  [ -x "$system/bin/python" ] || /usr/bin/python3 -m venv "$system"
+  "$system/bin/pip" install -q --upgrade "$repo" >/dev/null 2>&1 \
+    || die "pip install $repo into $system failed (try: $system/bin/pip install $repo)"
+  chmod -R a+rX "$system"
+  python=$system/bin/python
+fi
+
 # ---- subordinate ids: podman maps the image's users onto them
 add_subids() {  # FILE USERMOD-FLAG
   if ! grep -q -e "^$user:" -e "^$uid:" "$1" 2>/dev/null; then

@@ -37,6 +37,7 @@ CLEANED = ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/l
            "var/lib/apt/lists/*_Release*")
 SETUP_SCRIPT = REPO / "podman-examples" / "setup-rootless.sh"
 PYTHON = REPO / ".venv" / "bin" / "python"
+CRFS_COMMAND = "/usr/local/bin/crfs"  # written by setup-rootless.sh
 ACCESS_LINE = re.compile(r'"(GET|HEAD) (/v2/[^ ]+) HTTP/[0-9.]+" (\d{3}) (\d+|-)')
 
 
@@ -245,7 +246,9 @@ class PodmanUser:
         return int(text) if text.isdigit() and Path(f"/proc/{text}").exists() else None
 
     def start_worker(self, *extra: str) -> int:
-        self.run([str(PYTHON), "-m", "crfs_worker.worker", "--detach", "--no-background-fetch", *extra])
+        # The command setup-rootless.sh installed: it works even when USER cannot read
+        # this checkout (then it runs crfs from /opt/crfs).
+        self.run([CRFS_COMMAND, "worker", "--detach", "--no-background-fetch", *extra])
         pid = self.worker_pid()
         if pid is None:
             raise CommandError(f"{self.name}'s crfs worker did not stay up: {self.worker_log()}")
