@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from .accesslog import AccessLog
 from .blob import BlobReader, LocalBlob
 from .chunkfetch import ChunkFetcher
 from .chunkstore import ChunkStore
@@ -379,6 +380,7 @@ class LowerLayerService:
     view: FdView
     cache: ContentCache
     small_file_limit: int = SMALL_FILE_LIMIT
+    access_log: AccessLog = field(default_factory=AccessLog)  # `crfs optimize` recordings
 
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         op = request.get("op")
@@ -408,7 +410,12 @@ class LowerLayerService:
             "getxattr": self._getxattr,
             "open": self._open,
             "stats": self._stats,
+            **self.access_log.handlers(self._describe_layer),
         }
+
+    def _describe_layer(self, num: int) -> tuple[str | None, str]:
+        record = self.table.get(num).record
+        return record.digest, record.location
 
     def _target(self, request: dict[str, Any]) -> tuple[LiveLayer, list[str], str]:
         live = self.table.get(_int_arg(request, "layer"))
@@ -488,6 +495,8 @@ class LowerLayerService:
             raise RequestFailed(errno.ENOTDIR, f"{path}: not a directory")
         if stat.S_ISLNK(st.mode) and not flags & os.O_PATH:
             raise RequestFailed(errno.ELOOP, f"{path}: is a symlink")
+        if stat.S_ISREG(st.mode) and not flags & (os.O_PATH | os.O_NONBLOCK):
+            self.access_log.note(live.num, path)  # a workload reads this file's data
         if self._wants_cache(live, path, st, flags):
             fd = self._cached_fd(live, path, st)
             if fd is not None:
