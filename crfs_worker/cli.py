@@ -20,7 +20,7 @@ from .blob import LocalBlob
 from .image import Image, open_image
 from .layer import EntryStat, Layer, LayerSource
 from .layerkeys import lowerdir_for
-from . import imagemount, worker
+from . import imagemount, optimize, worker
 
 MAX_SYMLINK_HOPS = 40               # as the kernel's ELOOP limit
 CAT_ATOMIC_LIMIT = 64 << 20         # files up to this size are verified whole before any output
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     umnt = sub.add_parser("umount", help="unmount what `crfs mount` mounted")
     umnt.add_argument("dir", metavar="DIR")
     umnt.set_defaults(run=imagemount.run_umount)
+
+    optimize.add_parser(sub)
 
     # Listed for --help; main() hands `crfs worker ...` to the worker's own parser.
     sub.add_parser("worker", help="run the worker in the foreground (crfs worker --help)")
