@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterator, Protocol, Sequence
 
 from .blob import BlobReader
-from .chunkstore import ChunkStore
+from .chunkstore import ChunkStore, StoreFullError
 from .errors import CrfsError
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,15 @@ class ChunkFetcher:
         covering the range, as Layer.chunks_for returns them) belong to."""
         if not chunks:
             return b""
-        fresh = self.ensure(target, chunks, on_demand=True)
-        pieces = []
-        for chunk in chunks:
-            lo = max(offset - chunk.offset, 0)
-            hi = min(offset + size - chunk.offset, chunk.size)
-            if hi > lo:
-                pieces.append(self._piece(target, chunk, lo, hi, fresh))
+        # Pinned: a size-limited store must not evict what this read is about to use.
+        with self.store.pinned(c.digest for c in chunks):
+            fresh = self.ensure(target, chunks, on_demand=True)
+            pieces = []
+            for chunk in chunks:
+                lo = max(offset - chunk.offset, 0)
+                hi = min(offset + size - chunk.offset, chunk.size)
+                if hi > lo:
+                    pieces.append(self._piece(target, chunk, lo, hi, fresh))
         return b"".join(pieces)
 
     def _piece(self, target: FetchTarget, chunk: ChunkLike, lo: int, hi: int,
@@ -238,8 +240,11 @@ class ChunkFetcher:
         """A read-only fd on a digested chunk's stored bytes (fetched if need be), or None."""
         assert chunk.digest is not None
         for _ in range(2):
-            self.ensure(target, [chunk], on_demand=True)
-            fd = self.store.open(chunk.digest, chunk.size)
+            with self.store.pinned([chunk.digest]):
+                fresh = self.ensure(target, [chunk], on_demand=True)
+                fd = self.store.open(chunk.digest, chunk.size)
+            if fd is None and fresh:
+                return None  # fetched but not kept (a full disk): the caller serves another way
             if fd is not None:
                 target.note_local(chunk.digest, chunk.size)
                 return fd
@@ -341,13 +346,14 @@ class ChunkFetcher:
         return False
 
     def _land(self, target: FetchTarget, chunk: ChunkLike, data: bytes | None,
-              error: BaseException | None) -> None:
-        """Ends the flight of a claimed chunk, waking whoever waits for it."""
+              error: BaseException | None, kept: bool = True) -> None:
+        """Ends the flight of a claimed chunk, waking whoever waits for it; bytes the store
+        did not keep go to the waiters."""
         key = flight_key(target, chunk)
         with self._lock:
             flight = self._flights.pop(key)
         flight.error = error
-        if chunk.digest is None:
+        if chunk.digest is None or not kept:
             flight.data = data
         flight.done.set()
 
@@ -366,12 +372,12 @@ class ChunkFetcher:
                 raise
             for chunk in span.chunks:
                 try:
-                    data = self._decode_and_keep(target, chunk, raw, span.start)
+                    data, kept = self._decode_and_keep(target, chunk, raw, span.start)
                 except BaseException as exc:
                     self._land(target, chunk, None, exc)
                     first_error = first_error or exc
                     continue
-                self._land(target, chunk, data, None)
+                self._land(target, chunk, data, None, kept)
                 out[flight_key(target, chunk)] = data
         if first_error is not None:
             raise first_error
@@ -383,12 +389,20 @@ class ChunkFetcher:
             return b""  # zeros chunks need no bytes
         return target.blob.read_range(span.start, span.length)
 
-    def _decode_and_keep(self, target: FetchTarget, chunk: ChunkLike, raw: bytes, base: int) -> bytes:
+    def _decode_and_keep(self, target: FetchTarget, chunk: ChunkLike, raw: bytes, base: int
+                         ) -> tuple[bytes, bool]:
+        """The chunk's verified bytes, and whether the store kept them."""
         piece = b"" if chunk.zeros else raw[chunk.cstart - base:chunk.cend - base]
         data = target.decode(chunk, piece)
-        if chunk.digest is not None:
-            self.store.put(chunk.digest, data)
-            target.note_local(chunk.digest, len(data))
-        else:
+        if chunk.digest is None:
             self._memory.put(flight_key(target, chunk), data)
-        return data
+            return data, False
+        try:
+            self.store.put(chunk.digest, data)
+        except StoreFullError as exc:
+            # A full disk degrades to fetching: the verified bytes are served, not kept.
+            if self.store.not_kept == 1 or self.store.not_kept % 1000 == 0:
+                log.warning("%s (%d chunks not kept so far)", exc, self.store.not_kept)
+            return data, False
+        target.note_local(chunk.digest, len(data))
+        return data, True

@@ -10,6 +10,11 @@ still be broken (a disk fault, a stray write), so every use checks the file chea
 mode, size, and that its inode, mtime and ctime are the ones last verified) and the first
 use after a worker start hashes it whole. A file that fails is deleted: the caller fetches
 the chunk again.
+
+With a size limit (`crfs worker --cache-size`, CRFS_CACHE_SIZE) the store evicts the
+least recently used chunks once it holds more, sparing chunks a read is using (pinned).
+A full disk never fails a read: `put` raises StoreFullError and callers serve the bytes
+they fetched without keeping them.
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ import stat
 import tempfile
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from .dirs import ensure_private_dir
 from .errors import CrfsError, VerificationError
@@ -32,6 +40,26 @@ log = logging.getLogger(__name__)
 DIGEST_BYTES = 32          # sha256
 STALE_TEMP_SECONDS = 3600  # a temp file this old belongs to a writer that died
 _HASH_PIECE = 1 << 20
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class StoreFullError(CrfsError):
+    """The disk (or quota) under the chunk store is full: the chunk was not kept."""
+
+
+def parse_size(text: str) -> int:
+    """`10G`, `512M`, `4096`, `1.5G` (binary units, an optional trailing B) as bytes."""
+    clean = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = clean[-1:] if clean[-1:] in _SIZE_UNITS else ""
+    number = clean[:-1] if unit else clean
+    try:
+        value = float(number)
+    except ValueError:
+        raise CrfsError(f"cache size {text!r}: expected a number with an optional K, M, G or T") from None
+    if not value >= 0 or value == float("inf"):
+        raise CrfsError(f"cache size {text!r}: must be a finite size of at least 0")
+    return int(value * _SIZE_UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -112,11 +140,18 @@ class ChunkStore:
     """Verified chunk bytes by sha256 digest (raw 32-byte digests, as the index holds them)."""
 
     root: Path
+    limit_bytes: int | None = None  # evict least recently used chunks above this (None: never)
     _verified: VerifiedFiles = field(default_factory=VerifiedFiles, init=False, repr=False)
+    # Every stored chunk, least recently used first: digest -> size.
+    _recency: "OrderedDict[bytes, int]" = field(default_factory=OrderedDict, init=False, repr=False)
+    _total: int = field(default=0, init=False)
+    _pins: dict[bytes, int] = field(default_factory=dict, init=False, repr=False)
     _fanout_ready: set[str] = field(default_factory=set, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # Counted for the log and tests: files found altered on disk and removed.
     discarded: int = field(default=0, init=False)
+    evicted: int = field(default=0, init=False)       # chunks removed to stay within limit_bytes
+    not_kept: int = field(default=0, init=False)      # chunks a full disk kept out
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -124,6 +159,13 @@ class ChunkStore:
         ensure_private_dir(self.root / "sha256")
         ensure_private_dir(self.root / "tmp")
         self._remove_stale_temps()
+        self._load_recency()
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the chunks this store knows it holds."""
+        with self._lock:
+            return self._total
 
     def path_for(self, digest: bytes) -> Path:
         hexdigest = _check_digest(digest).hex()
@@ -161,6 +203,7 @@ class ChunkStore:
             os.close(fd)
             self._discard(digest, "does not match its digest, size or permissions")
             return None
+        self._note_used(digest, size)
         return fd
 
     def check(self, digest: bytes, size: int) -> bool:
@@ -192,10 +235,42 @@ class ChunkStore:
     # ---------------------------------------------------------------- writing
 
     def put(self, digest: bytes, data: bytes) -> None:
-        """Stores `data` under `digest`; VerificationError if it does not hash to it."""
+        """Stores `data` under `digest`; VerificationError if it does not hash to it,
+        StoreFullError if the disk is full (nothing is left behind)."""
         _check_digest(digest)
         if hashlib.sha256(data).digest() != digest:
             raise VerificationError(f"chunk store: bytes offered for sha256:{digest.hex()} do not match it")
+        try:
+            self._write(digest, data)
+        except OSError as exc:
+            if exc.errno not in FULL_DISK_ERRNOS:
+                raise
+            with self._lock:
+                self.not_kept += 1
+            raise StoreFullError(f"chunk store {self.root}: disk full, sha256:{digest.hex()} not kept "
+                                 f"({exc.strerror})") from exc
+        self._note_used(digest, len(data))
+        self._evict()
+
+    @contextmanager
+    def pinned(self, digests: Iterable[bytes]) -> Iterator[None]:
+        """While in this block, eviction spares these chunks (a read is using them)."""
+        held = [d for d in digests if d is not None]
+        with self._lock:
+            for digest in held:
+                self._pins[digest] = self._pins.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for digest in held:
+                    left = self._pins[digest] - 1
+                    if left:
+                        self._pins[digest] = left
+                    else:
+                        del self._pins[digest]
+
+    def _write(self, digest: bytes, data: bytes) -> None:
         final = self.path_for(digest)
         self._ensure_fanout(final.parent)
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="chunk-")  # created 0600
@@ -218,6 +293,7 @@ class ChunkStore:
         with self._lock:
             if directory.name in self._fanout_ready:
                 return
+        directory.mkdir(mode=0o700, exist_ok=True)  # an OSError (ENOSPC) reaches put as such
         ensure_private_dir(directory)
         with self._lock:
             self._fanout_ready.add(directory.name)
@@ -228,10 +304,66 @@ class ChunkStore:
         self._verified.forget(digest)
         with self._lock:
             self.discarded += 1
+            self._drop_locked(digest)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+    # ---------------------------------------------------------------- size limit
+
+    def _load_recency(self) -> None:
+        """What a previous worker left, oldest use first (atime, else mtime, says when)."""
+        found: list[tuple[int, bytes, int]] = []
+        for fanout in os.scandir(self.root / "sha256"):
+            if not fanout.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(fanout.path):
+                try:
+                    digest = bytes.fromhex(entry.name)
+                    st = entry.stat(follow_symlinks=False)
+                except (ValueError, FileNotFoundError):
+                    continue
+                if len(digest) == DIGEST_BYTES and stat.S_ISREG(st.st_mode):
+                    found.append((max(st.st_atime_ns, st.st_mtime_ns), digest, st.st_size))
+        with self._lock:
+            for _, digest, size in sorted(found):
+                self._recency[digest] = size
+                self._total += size
+        self._evict()
+
+    def _note_used(self, digest: bytes, size: int) -> None:
+        with self._lock:
+            if digest in self._recency:
+                self._recency.move_to_end(digest)
+                return
+            self._recency[digest] = size
+            self._total += size
+
+    def _drop_locked(self, digest: bytes) -> None:
+        size = self._recency.pop(digest, None)
+        if size is not None:
+            self._total -= size
+
+    def _evict(self) -> None:
+        """Removes least recently used, unpinned chunks until the store fits its limit.
+        (A reader holding an fd on a removed chunk keeps reading it: unlink spares open files.)"""
+        if self.limit_bytes is None:
+            return
+        while True:
+            with self._lock:
+                if self._total <= self.limit_bytes:
+                    return
+                victim = next((d for d in self._recency if d not in self._pins), None)
+                if victim is None:
+                    return  # everything left is in use
+                self._drop_locked(victim)
+                self.evicted += 1
+            self._verified.forget(victim)
+            try:
+                os.unlink(self.path_for(victim))
+            except FileNotFoundError:
+                pass
 
     def _remove_stale_temps(self) -> None:
         # Another worker (another runtime dir) may share this store: leave fresh temps alone.

@@ -29,7 +29,8 @@ from typing import Any, Callable, Protocol
 from .accesslog import AccessLog
 from .blob import BlobReader, LocalBlob
 from .chunkfetch import ChunkFetcher
-from .chunkstore import ChunkStore
+from .blobtail import TailKeepingBlob, tail_path
+from .chunkstore import FULL_DISK_ERRNOS, ChunkStore
 from .contentcache import ContentCache
 from .errors import CrfsError, FormatError, NotFoundError, VerificationError
 from .ipc import PROTOCOL_VERSION, RequestFailed
@@ -254,12 +255,18 @@ class LayerTable:
             stats = LayerStats()
             assert self.blob_opener is not None
             blob = CountingBlob(self.blob_opener(record), stats)
-            layer = self.opener(record, blob, self.index_dir)
+            layer = self.opener(record, self._footer_source(record, blob), self.index_dir)
             live = LiveLayer(num, record, layer, blob, stats)
             with self._lock:
                 self._live[num] = live
             log.info("opened layer %d: %s", num, record.describe())
             return live
+
+    def _footer_source(self, record: LayerRecord, blob: CountingBlob) -> BlobReader:
+        """What Layer.open reads: for a registry layer, its blob with the footer kept on
+        disk, so that a restarted worker reopens it (index cached) without the network."""
+        path = tail_path(self.index_dir / "tails", record.digest or "") if record.kind != "file" else None
+        return blob if path is None else TailKeepingBlob(blob, path)
 
     def mount(self, num: int) -> LiveLayer:
         """The plugin loads layer `num`: open it, prefetch its prioritised files (once)
@@ -542,7 +549,13 @@ class LowerLayerService:
         digest = live.file_digest(path)
         if digest is None:
             return None  # nothing vouches for the whole file: the view verifies chunk by chunk
-        cached = self.cache.get(digest, st.size, lambda: self._fetch_whole(live, path, st.size))
+        try:
+            cached = self.cache.get(digest, st.size, lambda: self._fetch_whole(live, path, st.size))
+        except OSError as exc:
+            if exc.errno not in FULL_DISK_ERRNOS:
+                raise
+            log.warning("content cache: %s: %s not kept (%s): served through the view", path, digest, exc)
+            return None
         live.stats.count_cached(digest)
         return cached.fd
 

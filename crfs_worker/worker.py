@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chunkstore import ChunkStore
+from .chunkstore import ChunkStore, parse_size
 from .contentcache import ContentCache
 from .dirs import cache_dir, ensure_private_dir, index_dir, runtime_dir
 from .errors import CrfsError
@@ -67,6 +67,7 @@ class WorkerConfig:
     fetch: FetchOptions = field(default_factory=FetchOptions)
     store: Path | None = None   # podman's additional layer store, served when set
     podman: PodmanNamespace | None = None  # rootless podman's namespaces, joined to serve the store
+    cache_size: int | None = None  # the chunk store's size limit in bytes (None: unlimited)
 
     @property
     def chunks(self) -> Path:
@@ -152,7 +153,7 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
     table: LayerTable | None = None
     try:
         table = LayerTable(KeyStore(config.runtime), ensure_private_dir(config.index),
-                           ChunkStore(config.chunks), config.fetch)
+                           ChunkStore(config.chunks, config.cache_size), config.fetch)
         view = _file_view(config, table)
         view.mount()
         service = LowerLayerService(table, view, ContentCache(config.content))
@@ -218,6 +219,12 @@ def _wait(server: IpcServer, view: FileView, stop: threading.Event, idle_timeout
             return
 
 
+def _cache_size(option: str | None) -> int | None:
+    """--cache-size, else $CRFS_CACHE_SIZE; None (unlimited) when neither is set."""
+    text = option if option is not None else os.environ.get("CRFS_CACHE_SIZE", "").strip()
+    return parse_size(text) if text else None
+
+
 def _store_dir(args: argparse.Namespace) -> Path | None:
     if args.no_store:
         return None
@@ -244,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-background-fetch", action="store_true",
                         help="fetch only what is read (default: make mounted layers wholly local "
                              "in the background; CRFS_BACKGROUND_FETCH=0 does the same)")
+    parser.add_argument("--cache-size", metavar="SIZE",
+                        help="keep the chunk store within SIZE (e.g. 10G, 512M), evicting the least "
+                             "recently used chunks (default: $CRFS_CACHE_SIZE, else unlimited)")
     args = parser.parse_args(argv)
     if args.detach:
         return _detach([a for a in (sys.argv[1:] if argv is None else argv) if a != "--detach"])
@@ -256,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             podman = enter_podman_namespace()
         fetch = FetchOptions.from_environment(background=False if args.no_background_fetch else None)
         config = WorkerConfig(runtime_dir(), index_dir(), cache_dir() / "content", args.idle_timeout, fetch,
-                              store, podman)
+                              store, podman, _cache_size(args.cache_size))
     except CrfsError as exc:
         ready.send(f"error: {exc}")
         print(f"crfs worker: {exc}", file=sys.stderr)
