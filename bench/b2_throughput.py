@@ -17,8 +17,9 @@ from __future__ import annotations
 import subprocess
 
 from bench.common import BenchContext, BenchError, Figure, Target, mb
-from bench.podman_env import LINKS, RUN, BenchImage, Network, Podman, open_network, open_podman, prepared_image
 from bench.images import IMAGES
+from bench.podman_env import LINKS, RUN, BenchImage, Network, Podman, open_network, open_podman, prepared_image
+from tests.support.podman import PodmanRoot
 
 ID = "B2"
 TITLE = "read throughput of a 256 MiB file"
@@ -33,7 +34,7 @@ print(total, time.monotonic() - started)
 """
 
 
-def _read_rate(pod: Podman, root, ref: str) -> float:  # type: ignore[no-untyped-def]
+def _read_rate(pod: Podman, root: PodmanRoot, ref: str) -> float:
     """MB/s of one whole read of the big file in a new container of `ref`."""
     _, line = pod.first_line(root, [*RUN, ref, "python3", "-c", READ])
     total, seconds = line.split()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bench.common import BenchContext, BenchError, Figure, Target
 from bench.podman_env import RUN, BenchImage, Network, Podman, open_network, open_podman, prepared_image
+from tests.support.podman import PodmanRoot
 
 ID = "B3"
 TITLE = "metadata: find / -xdev + stat of every entry"
@@ -23,7 +24,7 @@ SCAN = ('s=$(date +%s%N); n=$(find / -xdev -exec stat --format=%i {} + | wc -l);
         'echo "$n $(( (e - s) / 1000 ))"')
 
 
-def _scan(pod: Podman, root, ref: str) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+def _scan(pod: Podman, root: PodmanRoot, ref: str) -> tuple[int, float]:
     """(entries, seconds) of one scan in a new container of `ref`."""
     _, line = pod.first_line(root, [*RUN, ref, "sh", "-c", SCAN])
     entries, micros = line.split()
@@ -37,7 +38,7 @@ class Scans:
     second: float    # the next container
 
 
-def _pull_and_scan(pod: Podman, root, ref: str) -> Scans:  # type: ignore[no-untyped-def]
+def _pull_and_scan(pod: Podman, root: PodmanRoot, ref: str) -> Scans:
     pod.run(root, ["pull", "--quiet", "--tls-verify=false", ref])
     entries, first = _scan(pod, root, ref)
     again, second = _scan(pod, root, ref)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 from bench.common import PYTHON, REPO, BenchContext, BenchError, Figure, Target, mb, timed
@@ -80,11 +81,11 @@ def run(ctx: BenchContext) -> list[Figure]:
         for rep in range(ctx.reps):  # interleaved, so that a change in load hits both sides
             ctx.log(f"B5 repetition {rep + 1}/{ctx.reps}")
             out = work / "crfs-out"
-            crfs_s.append(timed(lambda: _crfs_convert(layout, out)))
+            crfs_s.append(timed(partial(_crfs_convert, layout, out)))
             crfs_bytes.append(sum(_crfs_sizes(out)))
             target = f"{registry.netloc}/bench/{spec.name}:ctr-esgz-{rep}"
-            ctr_s.append(timed(lambda: ctd.ctr("image", "convert", "--estargz", "--oci", source, target,
-                                               timeout=3600)))
+            ctr_s.append(timed(partial(ctd.ctr, "image", "convert", "--estargz", "--oci", source, target,
+                                       timeout=3600)))
             ctr_bytes.append(sum(_ctr_sizes(ctd, target)))
             ctd.ctr("image", "rm", "--sync", target)  # the next repetition must write its blobs again
     ctx.record("B5", {"image": spec.name, "packages": list(spec.packages), "gzip_bytes": gzip_bytes,
