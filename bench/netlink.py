@@ -22,12 +22,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import queue
+import re
 import socket
 import statistics
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 SUBNET_POOL = ipaddress.ip_network("10.237.0.0/16")   # /30s for our veth pairs are taken from here
@@ -83,6 +85,21 @@ def free_subnet(in_use: list[ipaddress.IPv4Network], seed: int) -> ipaddress.IPv
 
 # ---------------------------------------------------------------------------- the namespace
 
+NETNS_PREFIX = "crfsb-"
+_STALE_NAME = re.compile(rf"^{NETNS_PREFIX}t?(\d+)$")
+
+
+def remove_stale_links() -> list[str]:
+    """Deletes our namespaces left by runs that were killed (the pid in the name is gone)."""
+    removed = []
+    for line in _run(["ip", "netns", "list"]).splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = _STALE_NAME.match(name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            removed.append(name)
+    return removed
+
 
 @dataclass
 class NetnsLink:
@@ -101,9 +118,10 @@ class NetnsLink:
         if os.geteuid() != 0:
             raise LinkError("creating a network namespace needs root")
         tag = tag or str(os.getpid())
+        remove_stale_links()
         net = free_subnet(networks_in_use(), os.getpid())
         host_addr, ns_addr = (str(a) for a in list(net.hosts())[:2])
-        link = cls(f"crfsb-{tag}", f"cb{tag}h"[:15], f"cb{tag}n"[:15], host_addr, ns_addr, rate_mbit)
+        link = cls(f"{NETNS_PREFIX}{tag}", f"cb{tag}h"[:15], f"cb{tag}n"[:15], host_addr, ns_addr, rate_mbit)
         try:
             link._set_up(net.prefixlen)
         except BaseException:

@@ -18,7 +18,15 @@ from typing import Any, Iterator
 import pytest
 
 from bench.common import Figure, Target
-from bench.netlink import SUBNET_POOL, DelayRelay, LinkError, NetnsLink, check_link, free_subnet
+from bench.netlink import (
+    SUBNET_POOL,
+    DelayRelay,
+    LinkError,
+    NetnsLink,
+    check_link,
+    free_subnet,
+    remove_stale_links,
+)
 
 needs_root_net = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None,
                                     reason="network namespaces and tc need root")
@@ -189,6 +197,23 @@ def test_netns_link_limits_the_rate_and_cleans_up(tmp_path: Path) -> None:
     assert check.rate_mbit <= 50 * 1.05
     assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", host_if], capture_output=True).returncode != 0
+
+
+@needs_root_net
+def test_stale_namespaces_of_dead_runs_are_removed_live_ones_kept() -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale, live = f"crfsb-t{finished.pid}", f"crfsb-t{os.getpid()}"
+    for name in (stale, live):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        removed = remove_stale_links()
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    finally:
+        for name in (stale, live):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    assert stale in removed and stale not in names
+    assert live not in removed and live in names
 
 
 # ---------------------------------------------------------------------------- figures
