@@ -24,6 +24,10 @@ Requests (all idempotent, so a client may resend after reconnecting):
                                                prefetch: {state, bytes, error}}, ...]}
                                              (bytes; background state off | queued |
                                              running | complete | failed)
+    record_start {}                       -> {id}   (accesslog.py: `crfs optimize`)
+    record_stop  {id}                     -> {opens: [[layer, path, digest, location], ...],
+                                              overflowed}  files opened for data, first
+                                             access first (not idempotent: once only)
 Only a peer running as our own uid is served (SO_PEERCRED), and the socket lives in a
 0700 directory.
 """

@@ -4,6 +4,7 @@ back with the Layer reader."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,6 @@ import pytest
 
 from crfs_worker.accesslog import MAX_ENTRIES, MAX_RECORDINGS, AccessLog
 from crfs_worker.convert import ConvertOptions, convert
-from crfs_worker.dirs import index_dir
 from crfs_worker.estargz_writer import PREFETCH_LANDMARK
 from crfs_worker.image import Image, open_image
 from crfs_worker.imagemount import mount_type
@@ -74,7 +74,7 @@ def crfs_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 def crfs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "crfs_worker.cli", *args], env=env, capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
+                          text=True, cwd=REPO, timeout=600, check=False)
 
 
 def recorded_lines(stdout: str) -> list[tuple[str, str]]:
@@ -113,7 +113,7 @@ def check_dst(env: dict[str, str], dst: str, image: TestImage, stdout: str) -> I
         by_layer.setdefault(layer, []).append(path)
     # Each recorded file leads its own layer, in access order; no other file precedes the landmark.
     assert by_layer == {digest: files for digest, files in first.items() if files}
-    assert len(by_layer) == 3
+    assert len(by_layer) == 3  # busybox, changes and big layers each hold some
     # Every file (the rest follow the landmark) still reads back identical.
     for source, converted in zip(image.images[0].layers, opened.layers):
         check_layer_view(converted.layer, source.entries)
@@ -156,14 +156,11 @@ def mount_fetches_once(env: dict[str, str], dst: str, target: Path) -> None:
 
 
 def stats(env: dict[str, str]) -> dict[str, dict]:
-    import json
-
+    """What the worker fetched so far, per layer."""
     result = crfs(env, "stats", "--json")
     assert result.returncode == 0, result.stderr
-    rows = {row["name"]: row for row in json.loads(result.stdout) if "/optimize/app@" in row["name"]}
-    dst_rows = {name: {"requests": row["requests"], "fetched": row["fetched"], "prefetch": row["prefetch"]}
-                for name, row in rows.items()}
-    return dst_rows
+    return {row["name"]: {"requests": row["requests"], "fetched": row["fetched"], "prefetch": row["prefetch"]}
+            for row in json.loads(result.stdout)}
 
 
 def test_optimize_rewrites_an_estargz_image_into_an_oci_layout(
