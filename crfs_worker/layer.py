@@ -200,7 +200,7 @@ class Layer:
                 # Large TOCs are indexed by a builder process (see index.make_builder).
                 builder = make_builder(tmp, name=blob.name, fmt=footer.format,
                                        payload_end=footer.payload_end, json_size=toc.json_size,
-                                       max_chunk=limits.max_chunk_size)
+                                       limits=limits)
                 parser = TocParser(itertools.chain((first,), pieces), name=blob.name,
                                    payload_end=footer.payload_end, limits=limits)
                 builder.add_all(parser.entries())

@@ -62,6 +62,10 @@ class TocLimits:
     max_path: int = 4096                  # Linux PATH_MAX
     max_entry_bytes: int = 8 << 20        # JSON text of one entry (or other top-level value)
     max_chunk_size: int = 256 << 20       # bytes decoded as one unit (a chunk, a legacy file)
+    # What the index builder holds in memory or resolves one at a time (index.py):
+    max_dirs: int = 1_000_000
+    max_hardlinks: int = 1_000_000
+    max_duplicates: int = 100_000         # names given again by a later entry (60 us each)
     read_size: int = 8 << 20              # compressed bytes fetched per read_range call
 
 

@@ -426,11 +426,14 @@ def test_shared_or_misplaced_data_is_never_served(fmt: str, tmp_path: Path) -> N
 
 
 def _rss_child(code: str, tmp_path: Path) -> tuple[str, float]:
-    """Runs `code` in a fresh interpreter; returns its output and its peak RSS in MB."""
+    """Runs `code` in a fresh interpreter; returns its output and the peak RSS in MB of it
+    or of the index builder process it may start, whichever is larger."""
     script = textwrap.dedent(code) + textwrap.dedent("""
+        import resource
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
-                print("HWM", int(line.split()[1]) / 1024)
+                print("HWM", max(int(line.split()[1]) / 1024, children))
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
@@ -589,3 +592,32 @@ def test_deep_json_nesting_is_refused(tmp_path: Path) -> None:
     b = build("estargz", _base_specs(), lambda toc: json.dumps(toc)[:-2].encode() + b", " + b"[" * 100_000
               + b"]" * 100_000 + b"]}")
     refuse(b, tmp_path, "malformed|not an object|recursion")
+
+
+def _many(kind: str, n: int) -> Callable[[dict], dict]:
+    def hook(toc: dict) -> dict:
+        if kind == "dirs":
+            toc["entries"] += [{"name": f"d{i}/", "type": "dir"} for i in range(n)]
+        elif kind == "implicit-dirs":  # parents no entry names: created as needed
+            toc["entries"] += [{"name": f"p{i}/f", "type": "reg"} for i in range(n)]
+        elif kind == "hardlinks":
+            toc["entries"] += [{"name": f"h{i}", "type": "hardlink", "linkName": "small"} for i in range(n)]
+        else:
+            toc["entries"] += [{"name": "small", "type": "reg"} for _ in range(n)]
+        return toc
+    return hook
+
+
+@pytest.mark.parametrize("kind, limits, complaint", [
+    ("dirs", TocLimits(max_dirs=1000), "one of more than 1000 directories"),
+    ("implicit-dirs", TocLimits(max_dirs=1000), "one of more than 1000 directories"),
+    ("hardlinks", TocLimits(max_hardlinks=1000), "one of more than 1000 hardlinks"),
+    ("duplicates", TocLimits(max_duplicates=1000), "more than 1000 duplicate names"),
+])
+def test_what_the_index_holds_in_memory_is_bounded(kind: str, limits: TocLimits, complaint: str,
+                                                  tmp_path: Path) -> None:
+    """Directories, hardlinks and duplicate names cost the builder memory (or time) each:
+    each has a limit (1,000,000 by default), refused with a clear error."""
+    refuse(build("estargz", _base_specs(), _many(kind, 1500)), tmp_path / "over", complaint, limits)
+    layer = open_layer(build("estargz", _base_specs(), _many(kind, 900)), tmp_path / "under", limits)
+    assert layer.read("etc/passwd", 0, 1000) == LAYER_PASSWD
