@@ -59,7 +59,7 @@ class Mode:
     allow_unverified: bool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def modes() -> dict[str, Mode]:
     specs = _specs()
     est = blobgen.estargz(specs, chunk_size=8 << 10, min_chunk_size=2048)  # innerOffset packing

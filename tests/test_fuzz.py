@@ -10,6 +10,7 @@ is not consulted, so CI always runs the same budget.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import random
 import socket
@@ -66,7 +67,7 @@ def _specs() -> list[Spec]:
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_blob(fmt: str) -> blobgen.Blob:
     kw: dict[str, Any] = {"chunk_size": 16 << 10}
     if fmt == "estargz":
@@ -225,7 +226,7 @@ def mutated_toc(draw: Any) -> tuple[str, bytes]:
 
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])] or [b""]
+    return [data[a:b] for a, b in itertools.pairwise(points)] or [b""]
 
 
 SMALL_LIMITS = TocLimits(max_entries=10_000, max_entry_bytes=1 << 20, max_chunk_size=1 << 20)
@@ -259,14 +260,14 @@ def _original_pieces(fmt: str) -> set[bytes]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _original_layer(fmt: str) -> Layer:
     b = real_blob(fmt)
     return Layer.open(LayerSource(MemBlob(b.data), b.toc_digest, b.annotations),
                       Path(tempfile.mkdtemp(prefix="crfs-fuzz-")))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _originals(fmt: str) -> tuple[bytes, ...]:
     return tuple(_original_pieces(fmt))
 

@@ -20,8 +20,9 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import zstandard
@@ -214,7 +215,7 @@ def _crfs(args: list[str], tmp_path: Path, trace: Path | None = None) -> subproc
     if trace is not None:
         # Every path-taking system call of crfs and its children (index builders).
         cmd = ["strace", "-f", "-qq", "-e", "trace=%file", "-o", str(trace), *cmd]
-    return subprocess.run(cmd, capture_output=True, env=env, cwd=REPO, timeout=120)
+    return subprocess.run(cmd, capture_output=True, env=env, cwd=REPO, timeout=120, check=False)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (Debian package strace)")
@@ -437,7 +438,7 @@ def _rss_child(code: str, tmp_path: Path) -> tuple[str, float]:
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+                          cwd=tmp_path, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     hwm = float(lines[-1].split()[1])

@@ -13,13 +13,18 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from crfs_worker.errors import FormatError, RangeNotSupportedError, RegistryError, VerificationError
+from crfs_worker.errors import (
+    FormatError,
+    RangeNotSupportedError,
+    RegistryError,
+    VerificationError,
+)
 from crfs_worker.layer import Layer, LayerSource
 from crfs_worker.registry import RegistryClient, RetryPolicy, Timeouts
 from tests import blobgen
