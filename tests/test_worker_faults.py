@@ -115,11 +115,14 @@ def test_sigkilled_worker_under_eight_readers(image: PrefetchImage, crfs: Callab
         stop.touch()
         for reader in readers:
             reader.wait(timeout=DEADLINE)
-    lines = [line for per_reader in _log_lines(logs) for line in per_reader]
-    assert not [line for line in lines if line.startswith("wrong")]  # never wrong bytes
-    # Files are reopened for every read: the plugin reconnects within the call, so no
-    # reader saw an error at all.
-    assert not [line for line in lines if line.startswith("err")], lines[:20]
+    per_reader = _log_lines(logs)
+    assert not [line for lines in per_reader for line in lines if line.startswith("wrong")]  # never wrong bytes
+    # Files are reopened for every read and the plugin reconnects within the call: the
+    # only read that may fail is one in flight at the kill on an fd of the old worker's
+    # view (only the large file is served through the view), at most one per reader.
+    for lines in per_reader:
+        errors = [line for line in lines if line.startswith("err")]
+        assert len(errors) <= 1 and all(line.endswith(" data/big.bin") for line in errors), errors
     assert held_small.read() == EXPECTED["bin/app"]  # the fd outlives the worker that gave it
     held_small.close()
     # The mount's own writes (its upper layer) are intact, old and new.
