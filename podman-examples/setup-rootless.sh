@@ -63,8 +63,9 @@ if ! (cd / && runuser -u "$user" -- "$python" -c 'import crfs_worker.worker') 2>
   system=/opt/crfs
   echo "$user cannot use $python: installing crfs for all users in $system"
   [ -x "$system/bin/python" ] || /usr/bin/python3 -m venv "$system"
-  "$system/bin/pip" install -q --upgrade "$repo" >/dev/null 2>&1 \
-    || die "pip install $repo into $system failed (try: $system/bin/pip install $repo)"
+  # The second install replaces an older copy of the same version number.
+  { "$system/bin/pip" install -q "$repo" && "$system/bin/pip" install -q --no-deps --force-reinstall "$repo"; } \
+    >/dev/null 2>&1 || die "pip install $repo into $system failed (try: $system/bin/pip install $repo)"
   chmod -R a+rX "$system"
   python=$system/bin/python
 fi
@@ -112,7 +113,8 @@ if ! command -v runc >/dev/null; then
 fi
 
 # ---- commands: crfs, and the mount program podman runs
-plugin=$("$python" -c 'from crfs_worker.mountprogram import plugin_path; print(plugin_path() or "")')
+# From /: with -c, Python imports from the current directory first (a checkout there would win).
+plugin=$(cd / && "$python" -c 'from crfs_worker.mountprogram import plugin_path; print(plugin_path() or "")')
 [ -n "$plugin" ] || echo "setup-rootless: warning: crfs.so not found; podman will use the layer store alone" >&2
 install -d -m 0755 "$libexec"
 write_exec() {  # PATH CONTENT
