@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -62,6 +63,11 @@ def own_worker(cache: Path) -> Iterator[dict[str, str]]:
         pid = lock.read_text().strip() if lock.exists() else ""
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             os.kill(int(pid), 15)
+            stop_waiting = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < stop_waiting:
+                time.sleep(0.05)  # its FUSE view goes with it: remove the directory after
+        if mount_type(runtime / "view") is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(runtime / "view")], check=False)
         shutil.rmtree(runtime, ignore_errors=True)
 
 
