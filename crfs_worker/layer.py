@@ -38,7 +38,7 @@ from typing import Iterator, Mapping
 import zstandard
 
 from .blob import BlobReader
-from .errors import FormatError, UnverifiableError, VerificationError
+from .errors import FormatError, RegistryError, UnverifiableError, VerificationError
 from .footer import (
     ESTARGZ_TOC_DIGEST,
     OLD_ZSTD_MANIFEST_CHECKSUM,
@@ -440,8 +440,12 @@ class Layer:
         if not chunks:
             return b""
         fetched: dict[tuple[int, int], bytes] = {}
-        for a, b in self.fetch_ranges(chunks):
-            fetched[(a, b)] = self.blob.read_range(a, b - a)
+        try:
+            for a, b in self.fetch_ranges(chunks):
+                fetched[(a, b)] = self.blob.read_range(a, b - a)
+        except RegistryError as e:
+            # The registry's message names the blob and the range; a reader wants the file.
+            raise type(e)(f"{chunks[0].path}: {e}") from None
         ranges = sorted(fetched)
         out = []
         for c in chunks:

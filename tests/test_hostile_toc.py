@@ -469,6 +469,7 @@ def _refused_in_child(blob: Path, digest: str, tmp_path: Path, match: str,
     assert re.search(match, out), out
     assert not list((tmp_path / "index").iterdir())
     assert hwm < MAX_RSS_MB, f"peak RSS {hwm:.0f} MB"
+    print(f"{blob.name}: refused, peak RSS {hwm:.0f} MB")
     return hwm
 
 

@@ -104,7 +104,8 @@ def _fails_clearly(layer: Layer, path: str, target: RunningRegistry, *words: str
     with pytest.raises(RegistryError) as caught:
         layer.read(path, 0, 1 << 20)
     message = str(caught.value)
-    assert target.host in message and all(w in message for w in words), message
+    assert message.startswith(f"{path}: registry {target.host}: "), message
+    assert all(w in message for w in words), message
     assert "Traceback" not in message
     return caught.value
 
@@ -176,7 +177,8 @@ def test_a_trickling_body_is_bounded_by_range_body(
         layer = _open(client, target, pushed, tmp_path)
         relay.slow_next(10, piece=512, interval=0.05)
         started = time.monotonic()
-        _fails_clearly(layer, "big", target, "failed after 3 attempt(s)", "body too slow")
+        error = _fails_clearly(layer, "big", target, "failed after 3 attempt(s)", "body too slow")
+        print(f"trickling body: read failed after {time.monotonic() - started:.2f} s: {error}")
         assert time.monotonic() - started < HANG
         relay.slow_next(0, 1, 0.0)
         assert _whole(layer, pushed, "big") == pushed.blob.files["big"]
@@ -253,6 +255,7 @@ def test_registry_stopped_mid_run_fails_in_bounded_time_then_recovers(
         own_registry.process.stop()  # the process is gone: connections are refused
         started = time.monotonic()
         _fails_clearly(layer, "big", own_registry, "failed after")
+        print(f"stopped registry: read failed after {time.monotonic() - started:.2f} s")
         assert time.monotonic() - started < HANG
         own_registry.process.start()  # same port, same storage
         assert _whole(layer, pushed, "big") == pushed.blob.files["big"]  # the same Layer, no reopen
@@ -262,6 +265,7 @@ def test_registry_stopped_mid_run_fails_in_bounded_time_then_recovers(
             started = time.monotonic()
             error = _fails_clearly(layer, "mid", own_registry, "failed after")
             assert "Timeout" in str(error)
+            print(f"frozen registry: read failed after {time.monotonic() - started:.2f} s: {error}")
             assert time.monotonic() - started < HANG
         finally:
             own_registry.process.resume()
