@@ -19,7 +19,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Mapping
 
 from .errors import CrfsError, FormatError, InvalidReferenceError
 from .estargz_writer import EstargzOptions, EstargzResult, write_estargz
@@ -74,6 +74,9 @@ class ConvertOptions:
     platform: str | None = None     # "os/arch[/variant]": convert only that image of an index
     work_dir: Path | None = None    # temp files (converted blobs before upload)
     progress: Progress = field(default_factory=Progress.for_terminal)
+    # Set by `crfs optimize`: every layer is rewritten (eStargz ones too), each with the
+    # files listed under its source digest placed first (instead of estargz.prioritized_files).
+    prioritized_by_layer: Mapping[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -311,10 +314,14 @@ class _Conversion:
             return self._layers[source_digest]
         annotations = desc.get("annotations") or {}
         try:
-            if ESTARGZ_TOC_DIGEST in annotations:
+            by_layer = self._options.prioritized_by_layer
+            if ESTARGZ_TOC_DIGEST in annotations and by_layer is None:
                 layer = self._copy_layer(desc, annotations)
             elif desc["mediaType"] in TAR_LAYER_MEDIA_TYPES:
-                layer = self._convert_layer(desc, what)
+                estargz = self._options.estargz
+                if by_layer is not None:
+                    estargz = replace(estargz, prioritized_files=tuple(by_layer.get(source_digest, ())))
+                layer = self._convert_layer(desc, what, estargz)
             else:
                 raise ConversionError(f"{what}: unsupported layer media type "
                                       f"{desc['mediaType']!r}")
@@ -335,14 +342,14 @@ class _Conversion:
             toc_digest=annotations[ESTARGZ_TOC_DIGEST], diff_id="",
             uncompressed_size=int(size_text) if size_text.isdigit() else None, copied=True)
 
-    def _convert_layer(self, desc: dict[str, Any], what: str) -> ConvertedLayer:
+    def _convert_layer(self, desc: dict[str, Any], what: str, estargz: EstargzOptions) -> ConvertedLayer:
         task = self._options.progress.task(f"convert {desc['digest'][7:19]}", desc["size"])
         fd, name = tempfile.mkstemp(dir=self._work_dir, prefix="layer-", suffix=".esgz")
         out_path = Path(name)
         try:
             with open(fd, "wb") as out, BlobStream(self._src, desc["digest"], desc["size"]) as blob:
                 try:
-                    result = write_estargz(_Counting(blob, task), out, self._options.estargz, what)
+                    result = write_estargz(_Counting(blob, task), out, estargz, what)
                 except FormatError:
                     blob.finish()  # a blob that fails its digest explains a broken tar better
                     raise
@@ -351,7 +358,7 @@ class _Conversion:
         finally:
             out_path.unlink(missing_ok=True)
         task.finish(f"-> {result.blob_size / 1e6:.1f} MB eStargz")
-        if self._options.estargz.prioritized_files:
+        if estargz.prioritized_files and self._options.prioritized_by_layer is None:
             self._missing &= set(result.missing_prioritized)
         return _converted(desc["digest"], result)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .convert import ConversionError, ConvertOptions, ConvertResult, TAR_LAYER_MEDIA_TYPES, _Conversion, convert
+from .convert import ConvertOptions, ConvertResult, _Conversion, convert
 from .errors import CrfsError, InvalidReferenceError
 from .estargz_writer import PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, EstargzOptions
 from .image import layer_descriptors, select_manifest
@@ -170,34 +170,6 @@ def _record_workload(reference: str, root: Path, command: Sequence[str]) -> tupl
 # ---------------------------------------------------------------------------- the conversion
 
 
-class _PrioritizingConversion(_Conversion):
-    """A conversion that rewrites every layer, eStargz and zstd:chunked ones too (plain
-    `convert` copies those), each with its own prioritised files. convert.py offers no
-    per-layer list, hence this subclass."""
-
-    def __init__(self, *args: Any, plan: dict[str, list[str]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._plan = plan
-        self._base = self._options
-
-    def _layer(self, desc: dict[str, Any], what: str, docker: bool) -> Any:
-        digest = desc["digest"]
-        if digest in self._layers:
-            return self._layers[digest]
-        if desc["mediaType"] not in TAR_LAYER_MEDIA_TYPES:
-            raise ConversionError(f"{what}: unsupported layer media type {desc['mediaType']!r}")
-        files = tuple(self._plan.get(digest, ()))
-        self._options = replace(self._base, estargz=replace(self._base.estargz, prioritized_files=files))
-        try:
-            layer = self._convert_layer(desc, what)
-        except CrfsError as exc:
-            raise exc if what in str(exc) else type(exc)(f"{what}: {exc}") from exc
-        finally:
-            self._options = self._base
-        self._layers[digest] = layer
-        return layer
-
-
 def _convert_prioritized(src: str, dst: str, plan: dict[str, list[str]], options: OptimizeOptions,
                          work: Path) -> ConvertResult:
     def run(client: RegistryClient | None) -> ConvertResult:
@@ -207,8 +179,9 @@ def _convert_prioritized(src: str, dst: str, plan: dict[str, list[str]], options
             raise InvalidReferenceError(f"{dst}: a destination needs a tag, not a digest")
         convert_options = ConvertOptions(
             estargz=replace(options.estargz, require_prioritized=False, prioritized_files=()),
-            work_dir=work, progress=options.progress)
-        return _PrioritizingConversion(source, dest, convert_options, work, plan=plan).run()
+            work_dir=work, progress=options.progress,
+            prioritized_by_layer={digest: tuple(files) for digest, files in plan.items()})
+        return _Conversion(source, dest, convert_options, work).run()
 
     if src.startswith("oci:") and dst.startswith("oci:"):
         return run(None)
