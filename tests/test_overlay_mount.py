@@ -22,7 +22,8 @@ import pytest
 from crfs_worker.layerkeys import KeyStore, LayerRecord, lowerdir_for
 from tests.support.plugin_env import PluginSession
 
-FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
+# Another C fuse-overlayfs can be tested with the same suite (test_fuse_overlayfs_versions.py).
+FUSE_OVERLAYFS = os.environ.get("CRFS_TEST_FUSE_OVERLAYFS", "/usr/bin/fuse-overlayfs")
 # fuse-overlayfs' own bookkeeping, not image content.
 PRIVATE_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "security.")
 
