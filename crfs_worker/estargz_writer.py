@@ -96,6 +96,14 @@ class EstargzResult:
     missing_prioritized: tuple[str, ...] = ()  # prioritized files not in this layer
 
 
+def _inside_layer(name: str, what: str, where: str) -> str:
+    """As tar extraction does: `/a` means `a` in the layer; `..` that climbs out is refused
+    (crfs' readers refuse both in a TOC, so the writer must not produce them)."""
+    if ".." in name.split("/"):
+        raise FormatError(f"{where}: {what} {name!r} has a '..' component")
+    return name.lstrip("/") or "./"
+
+
 def clean_entry_name(name: str) -> str:
     """`./a//b/`, `/a/b`, `../a/b` -> `a/b`; the root is ``."""
     return posixpath.normpath("/" + name.lstrip("/")).lstrip("/")
@@ -402,7 +410,8 @@ class TocBuilder:
             kind = _TAR_TYPES[info.type]
         else:
             raise FormatError(f"{where}: unsupported tar entry type {info.type!r}")
-        name = _utf8(info.name + ("/" if kind == "dir" and not info.name.endswith("/") else ""),
+        inside = _inside_layer(info.name, "entry name", where)
+        name = _utf8(inside + ("/" if kind == "dir" and not inside.endswith("/") else ""),
                      "entry name", self._layer)
         entry = TocEntry(name=name, type=kind, mode=info.mode & 0o7777,
                          uid=info.uid, gid=info.gid, modtime=_format_modtime(info.mtime, where))
@@ -410,7 +419,10 @@ class TocBuilder:
                                            _utf8(info.uname, "user name", where))
         entry.group_name = self._if_changed(self._last_gname, info.gid,
                                             _utf8(info.gname, "group name", where))
-        if kind in ("symlink", "hardlink"):
+        if kind == "hardlink":  # names an entry of this layer; a symlink's target is data
+            entry.link_name = _utf8(_inside_layer(info.linkname, "hardlink target", where),
+                                    "link target", where)
+        elif kind == "symlink":
             entry.link_name = _utf8(info.linkname, "link target", where)
         if kind in ("char", "block"):
             entry.dev_major, entry.dev_minor = info.devmajor, info.devminor

@@ -296,6 +296,21 @@ def test_later_duplicate_wins(tmp_path: Path) -> None:
         assert view.read("a", 0, 100) == b"second"
 
 
+def test_absolute_names_land_inside_the_layer_and_dotdot_is_refused(tmp_path: Path) -> None:
+    # Like tar extraction: `/etc/x` is the layer's etc/x; crfs' readers refuse absolute
+    # names in a TOC, so the writer must never put one there.
+    tar = _tar((_info("/etc/x"), b"inside"), (_info("/etc/hard", tarfile.LNKTYPE, "/etc/x"), b""))
+    out = tmp_path / "abs.esgz"
+    result = write_estargz(io.BytesIO(tar), open(out, "wb"), EstargzOptions())
+    names = [e["name"] for e in parse_estargz(out.read_bytes()).toc["entries"]]
+    assert not any(n.startswith("/") for n in names)
+    with open_layer(out, result, tmp_path / "index") as view:
+        assert view.read("etc/hard", 0, 100) == b"inside"
+    for bad in (_info("../escape"), _info("a/../../escape"), _info("ok", tarfile.LNKTYPE, "../x")):
+        with pytest.raises(FormatError, match=r"'\.\.'"):
+            write_estargz(io.BytesIO(_tar((_info("x"), b"x"), (bad, b"data"))), io.BytesIO(), EstargzOptions())
+
+
 def test_prioritized_hardlink_cycle_and_deep_nesting_terminate(tmp_path: Path) -> None:
     deep = "/".join(["d"] * 1500)
     tar = _tar((_info("x", tarfile.LNKTYPE, "y"), b""), (_info("y", tarfile.LNKTYPE, "x"), b""),
