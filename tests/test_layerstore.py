@@ -16,12 +16,10 @@ import json
 import os
 import posixpath
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +33,7 @@ from crfs_worker.progress import Progress
 from crfs_worker.reference import ImageReference
 from tests.support.images import ExpectedEntry, TestImage, build_test_image, push_image
 from tests.support.registry import RunningRegistry, start_plain_registry
+from tests.support.workers import stop_process
 
 HIDDEN_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 OPAQUE = {"trusted.overlay.opaque": b"y", "user.overlay.opaque": b"y"}
@@ -54,11 +53,7 @@ class StoreWorker:
         return int((self.runtime / "worker.lock").read_text())
 
     def stop(self) -> None:
-        pid = self.pid()
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        stop_process(self.pid(), timeout=20)
 
 
 def start_store_worker(base: Path) -> StoreWorker:

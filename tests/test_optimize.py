@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +27,7 @@ from crfs_worker.prefetch import prioritized_chunks
 from tests.support.images import TestImage, build_test_image, check_layer_view, push_image
 from tests.support.plugin_env import build_plugin
 from tests.support.registry import RunningRegistry
+from tests.support.workers import stop_worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,15 +59,7 @@ def own_worker(cache: Path) -> Iterator[dict[str, str]]:
     try:
         yield env
     finally:
-        lock = runtime / "worker.lock"
-        pid = lock.read_text().strip() if lock.exists() else ""
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
-            os.kill(int(pid), 15)
-            stop_waiting = time.monotonic() + 30
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < stop_waiting:
-                time.sleep(0.05)  # its FUSE view goes with it: remove the directory after
-        if mount_type(runtime / "view") is not None:
-            subprocess.run(["fusermount3", "-u", "-z", str(runtime / "view")], check=False)
+        stop_worker(runtime)  # waits: its FUSE view goes with it, remove the directory after
         shutil.rmtree(runtime, ignore_errors=True)
 
 

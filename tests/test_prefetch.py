@@ -31,6 +31,7 @@ from crfs_worker.reference import ImageReference
 from crfs_worker.worker import format_stats
 from tests.support.plugin_env import build_plugin
 from tests.support.registry import FaultRelay, RelayRecord, RunningRegistry, push_image, start_plain_registry
+from tests.support.workers import stop_worker, worker_pid
 
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
 DEADLINE = 120.0  # generous bound on waits for the worker; never an asserted duration
@@ -172,26 +173,13 @@ class Crfs:
             time.sleep(0.1)
 
     def worker_pid(self) -> int | None:
-        try:
-            text = (self.runtime / "worker.lock").read_text().strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() and Path(f"/proc/{text}").exists() else None
+        return worker_pid(self.runtime)
 
     def stop(self) -> None:
         for merged in self.mounted:
             if subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True).returncode:
                 subprocess.run(["fusermount3", "-u", "-z", str(merged)], capture_output=True)
-        pid = self.worker_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if Path(f"/proc/{pid}").exists():
-                os.kill(pid, signal.SIGKILL)
-        if os.path.ismount(self.runtime / "view"):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.runtime / "view")], capture_output=True)
+        stop_worker(self.runtime, timeout=20)
         shutil.rmtree(self.runtime, ignore_errors=True)
         shutil.rmtree(self.cache, ignore_errors=True)
 

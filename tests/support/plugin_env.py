@@ -2,19 +2,17 @@
 private runtime directory, and a way to find and stop the worker the plugin starts."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from crfs_worker.ipc import WorkerClient
 from crfs_worker.layerkeys import KeyStore, LayerRecord
 from tests.support.layered_image import LayeredImage, build_layered_image
+from tests.support.workers import stop_worker, worker_pid
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO / "plugin"
@@ -65,26 +63,10 @@ class PluginSession:
 
     def worker_pid(self) -> int | None:
         """The pid in the worker's lock file, if that process is alive."""
-        try:
-            text = (self.runtime / "worker.lock").read_text().strip()
-        except FileNotFoundError:
-            return None
-        if not text.isdigit() or not Path(f"/proc/{text}").exists():
-            return None
-        return int(text)
+        return worker_pid(self.runtime)
 
     def stop_worker(self, timeout: float = 20.0) -> None:
-        pid = self.worker_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if Path(f"/proc/{pid}").exists():
-                os.kill(pid, signal.SIGKILL)
-        view = self.runtime / "view"
-        if os.path.ismount(view):
-            subprocess.run(["fusermount3", "-u", "-z", str(view)], check=False)
+        stop_worker(self.runtime, timeout)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.runtime.parent / f"{self.runtime.name}-copies", ignore_errors=True)

@@ -18,7 +18,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from tests.support.registry import RegistryProcess, free_port, registry_config
+from tests.support.workers import stop_process, worker_pid
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("CRFS_TEST_CACHE", "/var/cache/crfs-tests"))
@@ -239,11 +239,7 @@ class PodmanUser:
     # ---- the worker
 
     def worker_pid(self) -> int | None:
-        try:
-            text = (self.crfs_runtime / "worker.lock").read_text().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() and Path(f"/proc/{text}").exists() else None
+        return worker_pid(self.crfs_runtime)
 
     def start_worker(self, *extra: str) -> int:
         # The command setup-rootless.sh installed: it works even when USER cannot read
@@ -256,14 +252,8 @@ class PodmanUser:
 
     def stop_worker(self, timeout: float = 30) -> None:
         pid = self.worker_pid()
-        if pid is None:
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+        if pid is not None:  # its view lives in podman's namespace: it goes with the worker
+            stop_process(pid, timeout)
 
     def worker_log(self) -> str:
         log = self.crfs_runtime / "worker.log"
