@@ -1,14 +1,13 @@
 """A small three-layer test image for the plugin tests.
 
 The layers are real tar files (ownership, modes, symlinks, hardlinks, xattrs, devices,
-a FIFO, whiteouts, an opaque directory), converted to eStargz by crfs's own writer; the
-expected merged tree is what GNU tar extracts from the same tars, with the whiteouts
-applied the way container runtimes apply them.
+a FIFO, whiteouts, an opaque directory), written by images.write_layer_tar and converted
+to eStargz by crfs's own writer; the expected merged tree is what GNU tar extracts from
+the same tars, with the whiteouts applied the way container runtimes apply them.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import shutil
@@ -16,10 +15,11 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from crfs_worker.estargz_writer import EstargzOptions, convert_file
+from tests.support.images import ExpectedEntry, write_layer_tar
 
-MTIME = 1_700_000_000
 BIG_SIZE = 3 << 20       # several chunks, and far above the small-file limit
 CHUNK_SIZE = 1 << 20
 
@@ -40,115 +40,96 @@ class LayeredImage:
     big_bytes: bytes                # content of data/big.bin
 
 
-class _TarWriter:
-    def __init__(self, path: Path) -> None:
-        self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+def _entry(name: str, kind: str, mode: int = 0o644, **fields: Any) -> tuple[str, ExpectedEntry]:
+    """An entry without user/group names, as these layers are written."""
+    return name, ExpectedEntry(name, kind, mode, uname="", gname="", **fields)
 
-    def _info(self, name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(name)
-        info.type = kind
-        info.mode = mode
-        info.uid, info.gid = uid, gid
-        info.uname = info.gname = ""
-        info.mtime = MTIME
-        return info
 
-    def dir(self, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0, xattrs: dict[str, str] | None = None) -> None:
-        info = self._info(name, tarfile.DIRTYPE, mode, uid, gid)
-        if xattrs:
-            info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
-        self.tar.addfile(info)
+def _dir(name: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
+         xattrs: dict[str, bytes] | None = None) -> tuple[str, ExpectedEntry]:
+    return _entry(name, "dir", mode, uid=uid, gid=gid, xattrs=xattrs or {})
 
-    def file(self, name: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0,
-             xattrs: dict[str, str] | None = None) -> None:
-        info = self._info(name, tarfile.REGTYPE, mode, uid, gid)
-        info.size = len(data)
-        if xattrs:
-            info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
-        self.tar.addfile(info, io.BytesIO(data))
 
-    def symlink(self, name: str, target: str) -> None:
-        info = self._info(name, tarfile.SYMTYPE, 0o777)
-        info.linkname = target
-        self.tar.addfile(info)
+def _file(name: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0,
+          xattrs: dict[str, bytes] | None = None) -> tuple[str, ExpectedEntry]:
+    return _entry(name, "reg", mode, uid=uid, gid=gid, data=data, xattrs=xattrs or {})
 
-    def hardlink(self, name: str, target: str) -> None:
-        info = self._info(name, tarfile.LNKTYPE, 0o755)
-        info.linkname = target
-        self.tar.addfile(info)
 
-    def device(self, name: str, kind: bytes, major: int, minor: int, mode: int = 0o666) -> None:
-        info = self._info(name, kind, mode)
-        info.devmajor, info.devminor = major, minor
-        self.tar.addfile(info)
+def _symlink(name: str, target: str) -> tuple[str, ExpectedEntry]:
+    return _entry(name, "symlink", 0o777, link=target)
 
-    def close(self) -> None:
-        self.tar.close()
+
+def _hardlink(name: str, target: str) -> tuple[str, ExpectedEntry]:
+    return _entry(name, "hardlink", 0o755, link=target)
+
+
+def _device(name: str, kind: str, major: int, minor: int, mode: int = 0o666) -> tuple[str, ExpectedEntry]:
+    return _entry(name, kind, mode, devmajor=major, devminor=minor)
 
 
 def _layer1(path: Path, big: bytes) -> None:
-    t = _TarWriter(path)
-    t.dir("etc")
-    t.file("etc/hostname", b"base\n")
-    t.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-    t.file("etc/remove-me", b"gone in layer 2\n")
-    t.file("etc/xattr-file", b"has xattrs\n", xattrs={"user.crfs.test": "hello", "user.other": "x" * 100})
-    t.file("etc/shadow", b"secret\n", mode=0o640, uid=0, gid=42)
-    t.symlink("etc/alt", "/etc/hostname")
-    t.dir("usr", mode=0o755)
-    t.dir("usr/bin", mode=0o755)
-    t.file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755, uid=1000, gid=1000)
-    t.hardlink("usr/bin/tool-hard", "usr/bin/tool")
-    t.symlink("usr/bin/link", "tool")
-    t.file("usr/bin/suid", b"suid\n", mode=0o4755)
-    t.dir("var")
-    t.dir("var/lib", mode=0o750, uid=5, gid=6)
-    t.dir("var/lib/deep")
-    t.dir("var/lib/deep/a")
-    t.dir("var/lib/deep/a/b", mode=0o700, uid=1000, gid=1000)
-    t.file("var/lib/deep/a/b/leaf", b"leaf\n")
-    t.dir("opaque-me")
-    t.file("opaque-me/x", b"x\n")
-    t.file("opaque-me/y", b"y\n")
-    t.dir("rename-me", mode=0o711, uid=7, gid=8, xattrs={"user.dirattr": "on-a-dir"})
-    t.file("rename-me/f", b"in a dir to rename\n")
-    t.dir("rename-me/sub")
-    t.file("rename-me/sub/g", b"g\n")
-    t.dir("doomed-dir")
-    t.file("doomed-dir/h", b"h\n")
-    t.dir("data")
-    t.file("data/big.bin", big)
-    t.file("data/small.txt", b"small file contents\n" * 10)
-    t.file("data/empty", b"")
-    t.dir("dev")
-    t.device("dev/null", tarfile.CHRTYPE, 1, 3)
-    t.device("dev/sda", tarfile.BLKTYPE, 8, 0, mode=0o660)
-    t.device("dev/fifo", tarfile.FIFOTYPE, 0, 0, mode=0o644)
-    t.close()
+    write_layer_tar(path, [
+        _dir("etc"),
+        _file("etc/hostname", b"base\n"),
+        _file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        _file("etc/remove-me", b"gone in layer 2\n"),
+        _file("etc/xattr-file", b"has xattrs\n", xattrs={"user.crfs.test": b"hello", "user.other": b"x" * 100}),
+        _file("etc/shadow", b"secret\n", mode=0o640, uid=0, gid=42),
+        _symlink("etc/alt", "/etc/hostname"),
+        _dir("usr", mode=0o755),
+        _dir("usr/bin", mode=0o755),
+        _file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755, uid=1000, gid=1000),
+        _hardlink("usr/bin/tool-hard", "usr/bin/tool"),
+        _symlink("usr/bin/link", "tool"),
+        _file("usr/bin/suid", b"suid\n", mode=0o4755),
+        _dir("var"),
+        _dir("var/lib", mode=0o750, uid=5, gid=6),
+        _dir("var/lib/deep"),
+        _dir("var/lib/deep/a"),
+        _dir("var/lib/deep/a/b", mode=0o700, uid=1000, gid=1000),
+        _file("var/lib/deep/a/b/leaf", b"leaf\n"),
+        _dir("opaque-me"),
+        _file("opaque-me/x", b"x\n"),
+        _file("opaque-me/y", b"y\n"),
+        _dir("rename-me", mode=0o711, uid=7, gid=8, xattrs={"user.dirattr": b"on-a-dir"}),
+        _file("rename-me/f", b"in a dir to rename\n"),
+        _dir("rename-me/sub"),
+        _file("rename-me/sub/g", b"g\n"),
+        _dir("doomed-dir"),
+        _file("doomed-dir/h", b"h\n"),
+        _dir("data"),
+        _file("data/big.bin", big),
+        _file("data/small.txt", b"small file contents\n" * 10),
+        _file("data/empty", b""),
+        _dir("dev"),
+        _device("dev/null", "char", 1, 3),
+        _device("dev/sda", "block", 8, 0, mode=0o660),
+        _device("dev/fifo", "fifo", 0, 0, mode=0o644),
+    ])
 
 
 def _layer2(path: Path) -> None:
-    t = _TarWriter(path)
-    t.dir("etc")
-    t.file("etc/hostname", b"layer two\n")
-    t.file("etc/.wh.remove-me", b"")
-    t.dir("opaque-me")
-    t.file("opaque-me/.wh..wh..opq", b"")
-    t.file("opaque-me/z", b"z only\n")
-    t.dir("usr")
-    t.dir("usr/bin")
-    t.file("usr/bin/new", b"new in layer 2\n", mode=0o700)
-    t.file(".wh.doomed-dir", b"")
-    t.close()
+    write_layer_tar(path, [
+        _dir("etc"),
+        _file("etc/hostname", b"layer two\n"),
+        _file("etc/.wh.remove-me", b""),
+        _dir("opaque-me"),
+        _file("opaque-me/.wh..wh..opq", b""),
+        _file("opaque-me/z", b"z only\n"),
+        _dir("usr"),
+        _dir("usr/bin"),
+        _file("usr/bin/new", b"new in layer 2\n", mode=0o700),
+        _file(".wh.doomed-dir", b""),
+    ])
 
 
 def _layer3(path: Path) -> None:
-    t = _TarWriter(path)
-    t.dir("etc")
-    t.file("etc/motd", b"top layer\n", mode=0o600, uid=33, gid=33)
-    t.dir("var")
-    t.dir("var/lib", mode=0o755, uid=5, gid=6)  # the upper layer's metadata wins
-    t.close()
+    write_layer_tar(path, [
+        _dir("etc"),
+        _file("etc/motd", b"top layer\n", mode=0o600, uid=33, gid=33),
+        _dir("var"),
+        _dir("var/lib", mode=0o755, uid=5, gid=6),  # the upper layer's metadata wins
+    ])
 
 
 def _apply(tar_path: Path, root: Path) -> None:
