@@ -1,7 +1,7 @@
 """Shared pytest fixtures. Each block says who registers it; add yours in your own block."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
@@ -13,6 +13,9 @@ from tests.support.registry import (
     start_tls_registry,
     start_token_registry,
 )
+
+if TYPE_CHECKING:
+    from tests.support.plugin_env import PluginSession
 
 # ---- registries (tests/support/registry.py) ----
 
