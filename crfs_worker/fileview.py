@@ -31,6 +31,7 @@ import trio
 
 from .errors import CrfsError
 from .fusetree import BaseNode, FileHandle, Node, NodeAttr, fs_error, refuse_writes
+from .layer import EntryStat
 from .layerkeys import compose_ino
 
 log = logging.getLogger(__name__)
@@ -38,31 +39,19 @@ log = logging.getLogger(__name__)
 VIEW_ROOT_INO = 2  # the view's root when it is not the mount's root
 
 
-class EntryStatLike(Protocol):
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    rdev_major: int
-    rdev_minor: int
-
-
 class ViewSource(Protocol):
     """What the view needs from the worker's layers (lowerlayer.LayerTable provides it)."""
 
     def layer_numbers(self) -> list[int]: ...
-    def stat(self, num: int, path: str) -> EntryStatLike: ...
-    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStatLike]]: ...
+    def stat(self, num: int, path: str) -> EntryStat: ...
+    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStat]]: ...
     def readlink(self, num: int, path: str) -> str: ...
     def listxattr(self, num: int, path: str) -> list[str]: ...
     def getxattr(self, num: int, path: str, name: str) -> bytes: ...
     def read(self, num: int, path: str, offset: int, size: int) -> bytes: ...
 
 
-def entry_attr(ino: int, st: EntryStatLike) -> NodeAttr:
+def entry_attr(ino: int, st: EntryStat) -> NodeAttr:
     """A layer entry's attributes under inode number `ino`."""
     return NodeAttr(ino, st.mode, st.nlink, st.uid, st.gid, st.size, st.mtime_ns,
                     os.makedev(st.rdev_major, st.rdev_minor))

@@ -42,11 +42,12 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from .blob import BlobReader
 from .errors import FormatError, InvalidReferenceError, NotFoundError, VerificationError
-from .fileview import EntryStatLike, LayerFileHandle, entry_attr, join_path
+from .fileview import LayerFileHandle, entry_attr, join_path
 from .footer import ESTARGZ_UNCOMPRESSED_SIZE
 from .fusetree import BaseNode, BytesFile, FileHandle, Node, NodeAttr, fs_error, refuse_writes
 from .image import host_platform, layer_descriptors
 from .imagestore import MAX_CONFIG_SIZE, open_location
+from .layer import EntryStat
 from .layerkeys import KeyStore, LayerRecord, compose_ino, key_for
 from .reference import ImageReference, is_valid_digest
 
@@ -358,9 +359,9 @@ class LayerSource(Protocol):
 
     def get(self, num: int) -> Any: ...
     def mount(self, num: int) -> Any: ...
-    def stat(self, num: int, path: str) -> EntryStatLike: ...
+    def stat(self, num: int, path: str) -> EntryStat: ...
     def exists(self, num: int, path: str) -> bool: ...
-    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStatLike]]: ...
+    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStat]]: ...
     def readlink(self, num: int, path: str) -> str: ...
     def listxattr(self, num: int, path: str) -> list[str]: ...
     def getxattr(self, num: int, path: str, name: str) -> bytes: ...
@@ -453,7 +454,7 @@ class DiffEntry(BaseNode):
     def attr(self) -> NodeAttr:
         return self._attr(self.layers.stat(self.num, self.path))
 
-    def _attr(self, st: EntryStatLike) -> NodeAttr:
+    def _attr(self, st: EntryStat) -> NodeAttr:
         ino = diff_ino(self.tree, st.ino)
         if self.whiteout:
             return NodeAttr(ino, stat.S_IFCHR, 1, st.uid, st.gid, 0, st.mtime_ns, 0)

@@ -34,8 +34,11 @@ from .chunkstore import FULL_DISK_ERRNOS, ChunkStore
 from .contentcache import ContentCache
 from .errors import CrfsError, FormatError, NotFoundError, VerificationError
 from .ipc import PROTOCOL_VERSION, RequestFailed
+from .layer import EntryStat, Layer, LayerSource
 from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
 from .prefetch import BackgroundFetcher, BackgroundProgress, FetchOptions, PrefetchStatus, prefetch_prioritized
+from .reference import ImageReference
+from .registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +51,12 @@ def _is_landmark(path: str) -> bool:
     return path in LANDMARKS
 
 
-class EntryStatLike(Protocol):
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    rdev_major: int
-    rdev_minor: int
-
-
 class LayerLike(Protocol):
     """The part of layer.Layer this module uses (see docs/DESIGN.md)."""
 
-    def stat(self, path: str) -> EntryStatLike: ...
+    def stat(self, path: str) -> EntryStat: ...
     def exists(self, path: str) -> bool: ...
-    def readdir(self, path: str) -> list[tuple[str, EntryStatLike]]: ...
+    def readdir(self, path: str) -> list[tuple[str, EntryStat]]: ...
     def readlink(self, path: str) -> str: ...
     def listxattr(self, path: str) -> list[str]: ...
     def getxattr(self, path: str, name: str) -> bytes: ...
@@ -185,7 +176,7 @@ class RecordBlobOpener:
     """Opens the blob a layer record points at; registry blobs share one client."""
 
     options: FetchOptions = field(default_factory=FetchOptions)
-    _client: Any = field(default=None, init=False, repr=False)
+    _client: RegistryClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __call__(self, record: LayerRecord) -> BlobReader:
@@ -196,24 +187,18 @@ class RecordBlobOpener:
                 raise NotFoundError(f"layer blob {record.location} does not exist") from exc
         if record.digest is None or record.size is None:
             raise FormatError(f"{record.location}: registry layer without digest or size")
-        from .reference import ImageReference  # the registry stack loads only when needed
-
         return self._registry().blob(ImageReference.parse(record.location), record.digest, record.size)
 
-    def _registry(self) -> Any:
+    def _registry(self) -> RegistryClient:
         with self._lock:
             if self._client is None:
-                from .registry import RegistryClient
-
                 self._client = RegistryClient(self.options.registry_config())
             return self._client
 
 
-def open_layer(record: LayerRecord, blob: BlobReader, index_dir: Path) -> LayerLike:
-    from .layer import Layer, LayerSource
-
+def open_layer(record: LayerRecord, blob: BlobReader, index_dir: Path) -> Layer:
     source = LayerSource(blob, record.toc_digest, dict(record.annotations), record.allow_unverified)
-    return Layer.open(source, index_dir)  # type: ignore[return-value]
+    return Layer.open(source, index_dir)
 
 
 @dataclass
@@ -289,7 +274,7 @@ class LayerTable:
     def layer_numbers(self) -> list[int]:
         return [live.num for live in self.live_layers()]
 
-    def stat(self, num: int, path: str) -> EntryStatLike:
+    def stat(self, num: int, path: str) -> EntryStat:
         if _is_landmark(path):
             raise FileNotFoundError(errno.ENOENT, "eStargz landmark", path)
         return self.get(num).call("stat", path)
@@ -297,7 +282,7 @@ class LayerTable:
     def exists(self, num: int, path: str) -> bool:
         return not _is_landmark(path) and self.get(num).call("exists", path)
 
-    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStatLike]]:
+    def readdir(self, num: int, path: str) -> list[tuple[str, EntryStat]]:
         entries = self.get(num).call("readdir", path)
         if path:
             return entries
@@ -367,7 +352,7 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO  # verification, format and registry failures: readers see EIO
 
 
-def stat_fields(num: int, st: EntryStatLike) -> list[int]:
+def stat_fields(num: int, st: EntryStat) -> list[int]:
     return [compose_ino(num, st.ino), st.mode, st.nlink, st.uid, st.gid, st.size, st.mtime_ns,
             st.rdev_major, st.rdev_minor]
 
@@ -533,14 +518,14 @@ class LowerLayerService:
             os.close(fd)
         return read_only
 
-    def _wants_cache(self, live: LiveLayer, path: str, st: EntryStatLike, flags: int) -> bool:
+    def _wants_cache(self, live: LiveLayer, path: str, st: EntryStat, flags: int) -> bool:
         if not stat.S_ISREG(st.mode) or st.size > self.small_file_limit:
             return False
         if flags & (os.O_NONBLOCK | os.O_PATH):
             return False  # a lookup that only reads xattrs: fetch nothing
         return not self.table.listxattr(live.num, path)  # copy-up reads xattrs from the fd
 
-    def _cached_fd(self, live: LiveLayer, path: str, st: EntryStatLike) -> int | None:
+    def _cached_fd(self, live: LiveLayer, path: str, st: EntryStat) -> int | None:
         chunk = self.table.whole_file_chunk(live, path, st.size) if st.size else None
         if chunk is not None:
             fd = self.table.chunk_fd(live, chunk)  # the chunk IS the file
