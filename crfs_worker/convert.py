@@ -34,6 +34,7 @@ from .imagestore import (
     copy_blob,
     open_location,
 )
+from .jsondoc import json_object
 from .progress import Progress, ProgressTask
 from .reference import check_digest
 from .registry import (
@@ -123,16 +124,6 @@ def convert(src: str, dst: str, options: ConvertOptions | None = None,
             client.close()
 
 
-def _load_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(data)
-    except ValueError as exc:
-        raise FormatError(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return document
-
-
 def _dump_json(document: dict[str, Any]) -> bytes:
     return json.dumps(document, indent=2, ensure_ascii=False).encode("utf-8")
 
@@ -185,7 +176,7 @@ class _Conversion:
     # --- indexes ---
 
     def _convert_index(self, index: Manifest, name: str) -> bytes:
-        document = _load_json(index.data, f"{name}: index")
+        document = json_object(index.data, f"{name}: index")
         children = document.get("manifests")
         if not isinstance(children, list):
             raise FormatError(f"{name}: index has no manifests list")
@@ -223,7 +214,7 @@ class _Conversion:
 
     def _copy_manifest_as_is(self, child: dict[str, Any], name: str) -> None:
         manifest = self._src.get_manifest(child["digest"])
-        document = _load_json(manifest.data, f"{name}: manifest")
+        document = json_object(manifest.data, f"{name}: manifest")
         for blob in [document.get("config"), *(document.get("layers") or [])]:
             if blob is not None:
                 desc = _descriptor(blob, f"{name}: descriptor")
@@ -232,7 +223,7 @@ class _Conversion:
 
     def _pick_platform(self, index: Manifest, name: str) -> Manifest:
         wanted = parse_platform(self._options.platform or "")
-        document = _load_json(index.data, f"{name}: index")
+        document = json_object(index.data, f"{name}: index")
         available = []
         for value in document.get("manifests") or []:
             platform = value.get("platform") if isinstance(value, dict) else None
@@ -246,9 +237,9 @@ class _Conversion:
 
     def _check_platform(self, manifest: Manifest, name: str) -> None:
         wanted = parse_platform(self._options.platform or "")
-        document = _load_json(manifest.data, f"{name}: manifest")
+        document = json_object(manifest.data, f"{name}: manifest")
         config_desc = _descriptor(document.get("config"), f"{name}: config")
-        config = _load_json(self._src.get_blob(config_desc["digest"], MAX_CONFIG_SIZE),
+        config = json_object(self._src.get_blob(config_desc["digest"], MAX_CONFIG_SIZE),
                             f"{name}: config")
         if any(config.get(key) != wanted[key] for key in wanted):
             have = "/".join(str(config.get(k)) for k in ("os", "architecture", "variant")
@@ -262,10 +253,10 @@ class _Conversion:
         if manifest.media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
             raise ConversionError(f"{name}: unsupported manifest media type "
                                   f"{manifest.media_type!r}")
-        document = _load_json(manifest.data, f"{name}: manifest")
+        document = json_object(manifest.data, f"{name}: manifest")
         docker = manifest.media_type == DOCKER_MANIFEST
         config_desc = _descriptor(document.get("config"), f"{name}: config")
-        config = _load_json(self._src.get_blob(config_desc["digest"], MAX_CONFIG_SIZE),
+        config = json_object(self._src.get_blob(config_desc["digest"], MAX_CONFIG_SIZE),
                             f"{name}: config")
         layers = document.get("layers")
         if not isinstance(layers, list):

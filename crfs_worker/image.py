@@ -7,7 +7,6 @@ merged tree they make (the uppermost layer wins; whiteouts and opaque dirs hide)
 """
 from __future__ import annotations
 
-import json
 import platform
 import posixpath
 import stat as stat_module
@@ -19,6 +18,7 @@ from typing import Any
 from .errors import FormatError, InvalidReferenceError, NotFoundError
 from .footer import ESTARGZ_TOC_DIGEST, OLD_ZSTD_MANIFEST_CHECKSUM, ZSTD_MANIFEST_CHECKSUM
 from .imagestore import ImageLocation, ImageStore, open_location
+from .jsondoc import json_object
 from .layer import Layer, LayerSource
 from .reference import is_valid_digest
 from .registry import Manifest, RegistryClient
@@ -63,21 +63,11 @@ def parse_platform(text: str) -> dict[str, str]:
     return wanted
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{what}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what}: not a JSON object")
-    return doc
-
-
 def select_manifest(store: ImageStore, target: str | None, wanted: dict[str, str] | None,
                     name: str) -> tuple[Manifest, dict[str, Any]]:
     """The image manifest `target` names; an index is resolved to the wanted platform."""
     manifest = store.get_manifest(target)
-    doc = _json_object(manifest.data, name)
+    doc = json_object(manifest.data, f"{name}: manifest")
     if not manifest.is_index:
         return manifest, doc
     wanted = wanted or host_platform()
@@ -89,7 +79,7 @@ def select_manifest(store: ImageStore, target: str | None, wanted: dict[str, str
         seen.append("/".join(str(plat.get(k)) for k in ("os", "architecture", "variant") if plat.get(k)))
         if all(plat.get(k) == v for k, v in wanted.items()) and is_valid_digest(str(child.get("digest"))):
             chosen = store.get_manifest(child["digest"])
-            return chosen, _json_object(chosen.data, f"{name} ({seen[-1]})")
+            return chosen, json_object(chosen.data, f"{name} ({seen[-1]}): manifest")
     raise NotFoundError(f"{name}: no image for platform {'/'.join(wanted.values())} "
                         f"(the index has: {', '.join(seen) or 'none'})")
 

@@ -47,6 +47,7 @@ from .footer import ESTARGZ_UNCOMPRESSED_SIZE
 from .fusetree import BaseNode, BytesFile, FileHandle, Node, NodeAttr, fs_error, refuse_writes
 from .image import host_platform, layer_descriptors
 from .imagestore import MAX_CONFIG_SIZE, open_location
+from .jsondoc import json_object, parse_json
 from .layer import EntryStat
 from .layerkeys import KeyStore, LayerRecord, compose_ino, key_for
 from .reference import ImageReference, is_valid_digest
@@ -172,10 +173,10 @@ class ImageLayers:
 
 
 def _diff_ids(config: bytes, name: str, count: int) -> list[str]:
+    doc = parse_json(config, f"{name}: image config")
     try:
-        doc = json.loads(config)
         diff_ids = doc["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise FormatError(f"{name}: image config has no rootfs.diff_ids ({exc})") from None
     if not isinstance(diff_ids, list) or len(diff_ids) != count or not all(
             isinstance(d, str) and is_valid_digest(d) for d in diff_ids):
@@ -229,11 +230,11 @@ class ImageResolver:
         repository = ImageReference.parse(ref).name
         top = location.store.get_manifest(location.target)
         if not top.is_index:
-            return [self._image(location.store, _json_object(top.data, ref), ref, repository)]
+            return [self._image(location.store, json_object(top.data, f"{ref}: manifest"), ref, repository)]
         images = []
-        for child in _index_children(_json_object(top.data, ref), ref):
+        for child in _index_children(json_object(top.data, f"{ref}: manifest"), ref):
             manifest = location.store.get_manifest(child)
-            images.append(self._image(location.store, _json_object(manifest.data, ref), ref, repository))
+            images.append(self._image(location.store, json_object(manifest.data, f"{ref}: manifest"), ref, repository))
             if images[-1].find(ref, digest) is not None:
                 break
         return images
@@ -246,16 +247,6 @@ class ImageResolver:
             raise FormatError(f"{ref}: the manifest names no valid config digest")
         diff_ids = _diff_ids(store.get_blob(config_digest, MAX_CONFIG_SIZE), ref, len(descriptors))
         return ImageLayers(repository, tuple(zip(descriptors, diff_ids)), time.monotonic())
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{what}: manifest is not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what}: manifest is not a JSON object")
-    return doc
 
 
 def _index_children(index: dict[str, Any], ref: str) -> list[str]:

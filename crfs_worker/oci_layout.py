@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from .blob import LocalBlob
 from .errors import FormatError, InvalidReferenceError, NotFoundError, VerificationError
+from .jsondoc import json_object, parse_json
 from .reference import check_digest, is_valid_digest
 from .registry import OCI_INDEX, OCI_MANIFEST, Manifest
 
@@ -248,10 +249,7 @@ class OciLayout:
                 from None
         if len(data) > MAX_MANIFEST_SIZE:
             raise FormatError(f"{self.name}: {path.name} is larger than {MAX_MANIFEST_SIZE} bytes")
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise FormatError(f"{self.name}: {path.name} is not valid JSON: {exc}") from None
+        return parse_json(data, f"{self.name}: {path.name}")
 
     @staticmethod
     def _write_json_atomically(path: Path, value: Any) -> None:
@@ -284,12 +282,7 @@ def _pieces(source: Path | bytes) -> Iterator[bytes]:
 
 def _media_type_of(data: bytes, where: str) -> str:
     """A manifest reached by digest alone: its own mediaType field, or its shape."""
-    try:
-        document = json.loads(data)
-    except ValueError as exc:
-        raise FormatError(f"{where}: manifest is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise FormatError(f"{where}: manifest is not a JSON object")
+    document = json_object(data, f"{where}: manifest")
     media_type = document.get("mediaType")
     if isinstance(media_type, str) and media_type:
         return media_type

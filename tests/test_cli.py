@@ -6,11 +6,11 @@ the merged tree must come back byte-identical through `crfs cat`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
 import re
-import signal
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from crfs_worker.blob import LocalBlob
 from crfs_worker.oci_layout import OciLayout
 from tests.support.images import ExpectedEntry, TestImage, build_test_image, push_image
 from tests.support.registry import RunningRegistry
+from tests.support.workers import stop_worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,6 +198,27 @@ def test_bad_references_give_clear_errors(capsys: pytest.CaptureFixture[str], re
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_deeply_nested_json_is_a_format_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """json's decoder recurses per nesting level: an index.json or a manifest of 100k
+    brackets must be refused by name, not escape as a RecursionError."""
+    layout = tmp_path / "nested"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text("[" * 100_000)
+    assert main(["inspect", f"oci:{layout}"]) == 1
+    assert "index.json is nested too deeply" in capsys.readouterr().err
+
+    manifest = b"[" * 100_000
+    digest = hashlib.sha256(manifest).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(manifest)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": f"sha256:{digest}",
+        "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "x"}}]}))
+    for command in (["inspect", f"oci:{layout}:x"], ["convert", f"oci:{layout}:x", f"oci:{tmp_path / 'out'}:x"]):
+        assert main(command) == 1
+        assert "manifest is nested too deeply" in capsys.readouterr().err
+
+
 def test_pip_install_gives_a_working_crfs_command(tmp_path: Path) -> None:
     """A non-editable install of the checkout: the package, the command and crfs.so."""
     target = tmp_path / "site"
@@ -225,7 +247,4 @@ def test_lowerdir_starts_the_worker_and_stats_report_it(
         assert stats.returncode == 0, stats.stderr  # the worker answers: lowerdir started it
         assert isinstance(json.loads(stats.stdout), list)
     finally:
-        lock = tmp_path / "run" / "worker.lock"
-        pid = lock.read_text().strip() if lock.exists() else ""
-        if pid.isdigit():
-            os.kill(int(pid), signal.SIGTERM)
+        stop_worker(tmp_path / "run")
