@@ -25,6 +25,7 @@ from crfs_worker.progress import Progress
 from tests.support.images import build_test_image, push_image
 from tests.support.plugin_env import build_plugin
 from tests.support.registry import RunningRegistry
+from tests.support.workers import stop_worker
 from tests.test_layerstore import StoreWorker, expected_merged, snapshot, start_store_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,9 +50,7 @@ def crfs_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     env = {**os.environ, "CRFS_RUNTIME_DIR": str(runtime), "CRFS_BACKGROUND_FETCH": "0",
            "CRFS_CACHE_DIR": str(tmp_path_factory.mktemp("mount-cache"))}
     yield env
-    pid = (runtime / "worker.lock").read_text().strip() if (runtime / "worker.lock").exists() else ""
-    if pid.isdigit() and Path(f"/proc/{pid}").exists():
-        os.kill(int(pid), 15)
+    stop_worker(runtime)  # waits: the worker's view must be gone before the directory goes
     shutil.rmtree(runtime, ignore_errors=True)
 
 

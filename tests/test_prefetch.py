@@ -377,12 +377,7 @@ def test_ensure_worker_starts_one_detached_worker(monkeypatch: pytest.MonkeyPatc
         assert ensure_worker(runtime) is False  # one answers: nothing started
         assert int((runtime / "worker.lock").read_text()) == pid
     finally:
-        pid_text = (runtime / "worker.lock").read_text().strip() if (runtime / "worker.lock").exists() else ""
-        if pid_text.isdigit() and Path(f"/proc/{pid_text}").exists():
-            os.kill(int(pid_text), signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while Path(f"/proc/{pid_text}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        stop_worker(runtime, timeout=20)
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
 
