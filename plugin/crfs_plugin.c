@@ -202,6 +202,14 @@ req_key (struct request *q, const char *key)
 }
 
 static void
+req_str (struct request *q, const char *key, const char *v)
+{
+  req_key (q, key);
+  q->failed |= msgpack_pack_str (&q->pk, strlen (v));
+  q->failed |= msgpack_pack_str_body (&q->pk, v, strlen (v));
+}
+
+static void
 req_begin (struct request *q, const char *op, size_t nargs)
 {
   static const char header[4] = { 0, 0, 0, 0 };
@@ -211,9 +219,7 @@ req_begin (struct request *q, const char *op, size_t nargs)
   msgpack_packer_init (&q->pk, &q->sb, msgpack_sbuffer_write);
   q->failed |= msgpack_sbuffer_write (&q->sb, header, sizeof (header));
   q->failed |= msgpack_pack_map (&q->pk, nargs + 1);
-  req_key (q, "op");
-  q->failed |= msgpack_pack_str (&q->pk, strlen (op));
-  q->failed |= msgpack_pack_str_body (&q->pk, op, strlen (op));
+  req_str (q, "op", op);
 }
 
 static void
@@ -228,14 +234,6 @@ req_int (struct request *q, const char *key, int64_t v)
 {
   req_key (q, key);
   q->failed |= msgpack_pack_int64 (&q->pk, v);
-}
-
-static void
-req_str (struct request *q, const char *key, const char *v)
-{
-  req_key (q, key);
-  q->failed |= msgpack_pack_str (&q->pk, strlen (v));
-  q->failed |= msgpack_pack_str_body (&q->pk, v, strlen (v));
 }
 
 /* Paths and xattr names go as bin: they are bytes, not necessarily UTF-8. */
