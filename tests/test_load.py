@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -33,19 +32,6 @@ MOUNTS = 16
 READERS = 64
 READS_PER_READER = 40
 MAX_READ = 256 << 10
-
-
-def _mount_key(worker: Crfs, key: str, name: str) -> Path:
-    base = worker.workdir / name
-    upper, work, merged = base / "upper", base / "work", base / "merged"
-    for d in (upper, work, merged):
-        d.mkdir(parents=True)
-    opts = f"plugins={worker.plugin},lowerdir={key},upperdir={upper},workdir={work}"
-    result = subprocess.run([FUSE_OVERLAYFS, "-o", opts, str(merged)], capture_output=True, text=True,
-                            timeout=DEADLINE, env=worker.env)
-    assert result.returncode == 0, result.stderr
-    worker.mounted.append(merged)
-    return merged
 
 
 def _reader(mounts: list[Path], seed: int) -> list[str]:
@@ -78,7 +64,7 @@ def test_sixteen_mounts_and_64_readers_fetch_each_chunk_once(image: PrefetchImag
     worker = crfs("--no-background-fetch")
     before = len(image.relay.records())
     key = worker.key()
-    mounts = [_mount_key(worker, key, f"m{i}") for i in range(MOUNTS)]
+    mounts = [worker.mount_key(key, f"m{i}") for i in range(MOUNTS)]
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         problems = [p for found in pool.map(lambda seed: _reader(mounts, seed), range(READERS)) for p in found]
     assert problems == []

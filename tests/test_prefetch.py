@@ -147,11 +147,15 @@ class Crfs:
             return lowerdir_for(str(self.image.refs[repo]), runtime=self.runtime, client=client)
 
     def mount(self, repo: str = "prefetch/image", name: str = "m") -> Path:
+        return self.mount_key(self.key(repo), name)
+
+    def mount_key(self, key: str, name: str) -> Path:
+        """Mounts a registered lowerdir key (no registry lookup)."""
         base = self.workdir / name
         upper, work, merged = base / "upper", base / "work", base / "merged"
         for d in (upper, work, merged):
             d.mkdir(parents=True)
-        opts = f"plugins={self.plugin},lowerdir={self.key(repo)},upperdir={upper},workdir={work}"
+        opts = f"plugins={self.plugin},lowerdir={key},upperdir={upper},workdir={work}"
         result = subprocess.run([FUSE_OVERLAYFS, "-o", opts, str(merged)], capture_output=True, text=True,
                                 timeout=DEADLINE, env=self.env)
         assert result.returncode == 0, result.stderr

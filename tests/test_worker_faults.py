@@ -211,27 +211,13 @@ def test_restarted_worker_serves_a_local_image_with_the_registry_down(image: Pre
         _wait(lambda: worker.worker_pid() != old, "the old worker to die")
         before = len(image.relay.records())
         assert merged_files(merged) == EXPECTED  # the plugin restarts the worker
-        second = _mount_key(worker, key, "offline")
+        second = worker.mount_key(key, "offline")
         assert merged_files(second) == EXPECTED
         # Not one request reached the relay: nothing needed the registry.
         assert image.relay.records()[before:] == []
         assert all(row["requests"] == 0 and row["failures"] == 0 for row in worker.stats())
     finally:
         image.registry.process.start()
-
-
-def _mount_key(worker: Crfs, key: str, name: str) -> Path:
-    """Mounts an already registered lowerdir key (no registry lookup)."""
-    base = worker.workdir / name
-    upper, work, merged = base / "upper", base / "work", base / "merged"
-    for d in (upper, work, merged):
-        d.mkdir(parents=True)
-    opts = f"plugins={worker.plugin},lowerdir={key},upperdir={upper},workdir={work}"
-    result = subprocess.run([FUSE_OVERLAYFS, "-o", opts, str(merged)], capture_output=True, text=True,
-                            timeout=DEADLINE, env=worker.env)
-    assert result.returncode == 0, result.stderr
-    worker.mounted.append(merged)
-    return merged
 
 
 def test_kept_footer_is_untrusted_input(tmp_path: Path) -> None:
