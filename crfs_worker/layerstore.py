@@ -87,7 +87,9 @@ def storage_conf_path(env: Mapping[str, str] | None = None) -> Path | None:
     candidates = []
     if env.get("CONTAINERS_STORAGE_CONF"):
         candidates.append(Path(env["CONTAINERS_STORAGE_CONF"]))
-    if os.getuid() != 0:
+    # Inside rootless podman's user namespace we are uid 0 but still that user (podman
+    # exports _CONTAINERS_ROOTLESS_UID there): a worker crfs.so restarts runs so.
+    if os.getuid() != 0 or env.get("_CONTAINERS_ROOTLESS_UID"):
         config_home = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
         candidates.append(Path(config_home) / "containers" / "storage.conf")
     candidates += [Path("/etc/containers/storage.conf"), Path("/usr/share/containers/storage.conf")]

@@ -10,9 +10,6 @@ the PATH fuse-overlayfs inherited from podman, inside podman's namespaces, where
 mounts the layer store again for later podman commands. The container keeps running,
 the readers keep reading correct bytes, and what the container wrote is intact.
 
-One gap is worked around here (CRFS_STORE_DIR in podman's environment) and pinned by a
-strict xfail: with the default configuration the worker crfs.so starts serves no store.
-
 Waits are conditions with generous deadlines; nothing asserts a duration.
 """
 from __future__ import annotations
@@ -31,7 +28,6 @@ import pytest
 
 from tests.support.podman import (
     PLUGIN_LINE,
-    PYTHON,
     WRAPPER,
     E2EImages,
     LoggedRegistry,
@@ -189,11 +185,9 @@ def test_sigkilled_worker_under_a_running_container(user: PodmanUser, images: E2
                       WRAPPER, user.store)
     mount_log = work / "mount-program.log"
     # podman hands its environment to the mount program, hence to crfs.so and to the worker
-    # it starts: that one too fetches only what is read. CRFS_STORE_DIR: without it the
-    # worker crfs.so starts (uid 0 in podman's user namespace) does not find the user's
-    # storage.conf and serves no store (see test_worker_in_podmans_namespace_finds_the_store).
-    user.extra_env.update(CRFS_MOUNT_PROGRAM_LOG=str(mount_log), CRFS_BACKGROUND_FETCH="0",
-                          CRFS_STORE_DIR=str(user.store))
+    # it starts: that one too fetches only what is read. The store it serves comes from the
+    # user's storage.conf, found although it is uid 0 in podman's user namespace.
+    user.extra_env.update(CRFS_MOUNT_PROGRAM_LOG=str(mount_log), CRFS_BACKGROUND_FETCH="0")
     user.stop_worker()
     user.clear_crfs_cache()
     first = user.start_worker()
@@ -260,14 +254,3 @@ def test_sigkilled_worker_under_a_running_container(user: PodmanUser, images: E2
     assert out.stdout.strip() == "42"
     assert user.worker_pid() == second
     user.podman(root, "rmi", "-a", "-f", check=False)
-
-
-@pytest.mark.xfail(strict=True, reason="layerstore.storage_conf_path skips ~/.config/containers/storage.conf "
-                                       "for uid 0, which a worker crfs.so starts inside podman's user "
-                                       "namespace is: it serves no store, podman then fails with ENOTCONN")
-def test_worker_in_podmans_namespace_finds_the_store(user: PodmanUser) -> None:
-    """Where crfs.so starts a worker under podman (its user namespace, podman's
-    environment), the default configuration names the user's store."""
-    probe = "from crfs_worker.layerstore import configured_store_dir; print(configured_store_dir())"
-    result = user.run(["podman", "unshare", "env", "-u", "CRFS_STORE_DIR", str(PYTHON), "-c", probe])
-    assert result.stdout.strip() == str(user.store)
