@@ -148,7 +148,7 @@ def _read_auth_file(path: Path) -> dict[str, Any] | None:
         return {}
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CredentialsFileError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise CredentialsFileError(f"{path}: expected a JSON object")
@@ -420,7 +420,7 @@ def _parse_token_answer(
         raise RegistryError(f"token server {realm} for registry {registry} answered HTTP {answer.status_code}")
     try:
         document = json.loads(answer.body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         document = None
     if not isinstance(document, dict):
         raise RegistryError(f"token server {realm} for registry {registry} answered something that is not a JSON object")

@@ -882,7 +882,7 @@ def _error_detail(response: httpx.Response) -> str:
         if isinstance(errors, list) and errors and isinstance(errors[0], dict):
             first = errors[0]
             return f"{first.get('code', '')}: {first.get('message', '')}"[:300]
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # an error body is only a hint
         pass
     return body[:200].decode("utf-8", "replace").strip()
 
@@ -938,7 +938,7 @@ def _manifest_media_type(data: bytes, content_type: str, what: str) -> str:
     declared = content_type.split(";", 1)[0].strip()
     try:
         document = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         raise FormatError(f"{what}: not JSON") from None
     if not isinstance(document, dict):
         raise FormatError(f"{what}: not a JSON object")
