@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,13 +68,14 @@ class Node(Protocol):
     def rmdir(self, name: str) -> None: ...
 
 
-class BaseNode:
+class BaseNode(ABC):
     """Defaults: a read-only node that is neither a directory, a symlink nor a file."""
 
     may_block = False
 
+    @abstractmethod
     def attr(self) -> NodeAttr:
-        raise NotImplementedError
+        """Every node says what it is."""
 
     def lookup(self, name: str) -> tuple[Node, NodeAttr]:
         raise fs_error(errno.ENOTDIR, name)

@@ -494,13 +494,13 @@ class LowerLayerService:
             if fd is not None:
                 return {}, fd
         if (stat.S_ISCHR(st.mode) or stat.S_ISBLK(st.mode) or stat.S_ISSOCK(st.mode)) and not flags & os.O_PATH:
-            return {}, self._placeholder_fd(live, path)
+            return {}, self._stand_in_fd(live, path)
         if stat.S_ISFIFO(st.mode):
             flags |= os.O_NONBLOCK  # a FIFO open without a writer would block this thread for ever
         # Opening on the view fetches nothing; the kernel's reads fetch chunks.
         return {}, self.view.open(live.num, parts, flags)
 
-    def _placeholder_fd(self, live: LiveLayer, path: str) -> int:
+    def _stand_in_fd(self, live: LiveLayer, path: str) -> int:
         """An empty, sealed stand-in for a device node or socket. fuse-overlayfs opens one
         only to copy it up (it reads st_size bytes, i.e. none, and the xattrs); the view
         is mounted nodev, and opening a device must never reach a real device anyway."""
