@@ -11,61 +11,48 @@ pulled image elsewhere and run that, rmi, and run the gzip original under the sa
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from tests.support.podman import (
+    NEEDS_ROOT_AND_PODMAN,
+    e2e_images,
+    podman_user,
+    work_dir,
     FULL_FLOW,
     PATHS,
     E2EImages,
-    LoggedRegistry,
     PathReport,
     PodmanUser,
-    debootstrap_tarball,
-    prepare_images,
-    remove_tree,
     run_path,
 )
 
 USER = "crfs-e2e"
 LAZY_LIMIT = 0.25  # pull + first run may fetch at most this share of the compressed image
 
-pytestmark = [
-    pytest.mark.skipif(os.getuid() != 0, reason="creates a user and runs podman as it: needs root"),
-    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None,
-                       reason="needs podman and debootstrap"),
-]
+pytestmark = NEEDS_ROOT_AND_PODMAN
 
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[PodmanUser]:
-    created = PodmanUser.ensure(USER)
-    yield created
-    created.stop_worker()
+    with podman_user(USER) as created:
+        yield created
 
 
 @pytest.fixture(scope="module")
 def work(user: PodmanUser) -> Iterator[Path]:
-    path = user.make_dir(user.home / "e2e" / uuid.uuid4().hex[:8])
-    yield path
-    remove_tree(path)
-    for runroot in user.runtime.glob(f"e2e-*{path.name}"):
-        remove_tree(runroot)
+    with work_dir(user, "e2e") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
 def images(user: PodmanUser, work: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EImages]:
-    registry = LoggedRegistry.start(tmp_path_factory.mktemp("e2e-registry"))
-    try:
-        yield prepare_images(user, registry, debootstrap_tarball(), work)
-    finally:
-        registry.stop()
+    with e2e_images(user, work, tmp_path_factory.mktemp("e2e-registry")) as prepared:
+        yield prepared
 
 
 @pytest.fixture(scope="module")

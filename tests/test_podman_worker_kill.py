@@ -16,26 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import tarfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.podman import (
+    NEEDS_ROOT_AND_PODMAN,
+    e2e_images,
+    podman_user,
+    work_dir,
     PLUGIN_LINE,
     WRAPPER,
     E2EImages,
-    LoggedRegistry,
     PodmanRoot,
     PodmanUser,
     debootstrap_tarball,
-    prepare_images,
-    remove_tree,
 )
 
 USER = "crfs-podkill"   # not the e2e test's user: its worker is ours to kill
@@ -89,36 +88,25 @@ for thread in threads:
     thread.join()
 """.replace("MARKER", MARKER).replace("READERS", str(READERS))
 
-pytestmark = [
-    pytest.mark.skipif(os.getuid() != 0, reason="creates a user and runs podman as it: needs root"),
-    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None,
-                       reason="needs podman and debootstrap"),
-]
+pytestmark = NEEDS_ROOT_AND_PODMAN
 
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[PodmanUser]:
-    created = PodmanUser.ensure(USER)
-    yield created
-    created.stop_worker()
+    with podman_user(USER) as created:
+        yield created
 
 
 @pytest.fixture(scope="module")
 def work(user: PodmanUser) -> Iterator[Path]:
-    path = user.make_dir(user.home / "podkill" / uuid.uuid4().hex[:8])
-    yield path
-    remove_tree(path)
-    for runroot in user.runtime.glob(f"e2e-*{path.name}"):
-        remove_tree(runroot)
+    with work_dir(user, "podkill") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
 def images(user: PodmanUser, work: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EImages]:
-    registry = LoggedRegistry.start(tmp_path_factory.mktemp("podkill-registry"))
-    try:
-        yield prepare_images(user, registry, debootstrap_tarball(), work)
-    finally:
-        registry.stop()
+    with e2e_images(user, work, tmp_path_factory.mktemp("podkill-registry")) as prepared:
+        yield prepared
 
 
 def _checksums(tarball: Path, names: tuple[str, ...]) -> dict[str, tuple[str, int]]:

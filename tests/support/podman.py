@@ -21,10 +21,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+
+import pytest
 
 from tests.support.registry import RegistryProcess, free_port, registry_config
 from tests.support.workers import stop_process, worker_pid
@@ -411,3 +414,45 @@ def run_path(user: PodmanUser, images: E2EImages, work: Path, path: str, full: b
 def remove_tree(path: Path) -> None:
     """Storage trees hold files of the user's subordinate ids: root removes them."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- for test modules
+
+NEEDS_ROOT_AND_PODMAN = [
+    pytest.mark.skipif(os.getuid() != 0, reason="creates a user and runs podman as it: needs root"),
+    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None,
+                       reason="needs podman and debootstrap"),
+]
+
+
+@contextmanager
+def podman_user(name: str) -> Iterator[PodmanUser]:
+    """USER set up by setup-rootless.sh; its worker is stopped afterwards."""
+    created = PodmanUser.ensure(name)
+    try:
+        yield created
+    finally:
+        created.stop_worker()
+
+
+@contextmanager
+def work_dir(user: PodmanUser, label: str) -> Iterator[Path]:
+    """A private directory in USER's home (podman roots live there), removed afterwards
+    with the run roots named after it."""
+    path = user.make_dir(user.home / label / uuid.uuid4().hex[:8])
+    try:
+        yield path
+    finally:
+        remove_tree(path)
+        for runroot in user.runtime.glob(f"e2e-*{path.name}"):
+            remove_tree(runroot)
+
+
+@contextmanager
+def e2e_images(user: PodmanUser, work: Path, registry_dir: Path) -> Iterator[E2EImages]:
+    """The debootstrap image in a logged registry, gzip and eStargz (prepare_images)."""
+    registry = LoggedRegistry.start(registry_dir)
+    try:
+        yield prepare_images(user, registry, debootstrap_tarball(), work)
+    finally:
+        registry.stop()
