@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import json
@@ -19,15 +18,14 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from crfs_worker.imagestore import RegistryStore
 from crfs_worker.oci_layout import OciLayout
 from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
+from tests.support.podman import file_lock
 
 CACHE_DIR = Path(os.environ.get("CRFS_BENCH_CACHE", "/var/cache/crfs-bench"))
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -74,23 +72,11 @@ IMAGES = {
 }
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One builder at a time across concurrent benchmark runs on this machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def rootfs_tarball(spec: ImageSpec, cache_dir: Path = CACHE_DIR) -> Path:
     """The uncompressed tar of the debootstrap tree for `spec`, built once per machine."""
     rootfs_key = hashlib.sha256(" ".join([*spec.debootstrap_args, *CLEANED]).encode()).hexdigest()[:16]
     tarball = cache_dir / f"rootfs-{rootfs_key}.tar"
-    with _locked(cache_dir / f".rootfs-{rootfs_key}.lock"):
+    with file_lock(cache_dir / f".rootfs-{rootfs_key}.lock"):
         if tarball.exists():
             return tarball
         work = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=cache_dir))
@@ -173,7 +159,7 @@ class _Hashing:
 def gzip_layout(spec: ImageSpec, cache_dir: Path = CACHE_DIR) -> Path:
     """An OCI layout (tag `gzip`) of `spec` with gzip layers, built once per machine."""
     layout_dir = cache_dir / f"oci-{spec.name}-{spec.key}"
-    with _locked(cache_dir / f".oci-{spec.key}.lock"):
+    with file_lock(cache_dir / f".oci-{spec.key}.lock"):
         if (layout_dir / "index.json").exists():
             return layout_dir
         tars = [rootfs_tarball(spec, cache_dir)]

@@ -48,8 +48,8 @@ ACCESS_LINE = re.compile(r'"(GET|HEAD) (/v2/[^ ]+) HTTP/[0-9.]+" (\d{3}) (\d+|-)
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One builder at a time across concurrent test sessions on this machine."""
+def file_lock(path: Path) -> Iterator[None]:
+    """One builder at a time across concurrent test sessions and benchmark runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -65,7 +65,7 @@ def debootstrap_tarball(cache_dir: Path = CACHE_DIR) -> Path:
     command = [*DEBOOTSTRAP_COMMAND, "DIR", DEBIAN_MIRROR, "&&", "rm", *CLEANED]
     key = hashlib.sha256(" ".join(command).encode()).hexdigest()[:16]
     tarball = cache_dir / f"debootstrap-{key}.tar"
-    with _locked(cache_dir / f".debootstrap-{key}.lock"):
+    with file_lock(cache_dir / f".debootstrap-{key}.lock"):
         if tarball.exists():
             return tarball
         work = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=cache_dir))
