@@ -25,11 +25,9 @@ import itertools
 import json
 import os
 import random
-import shutil
 import tarfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +40,9 @@ from crfs_worker.footer import TAIL_SIZE, parse_footer
 from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
 from tests.support.podman import (
+    NEEDS_ROOT_AND_PODMAN,
+    podman_user,
+    work_dir,
     PATHS,
     PLUGIN_LINE,
     E2EImages,
@@ -50,7 +51,6 @@ from tests.support.podman import (
     PodmanUser,
     debootstrap_tarball,
     prepare_images,
-    remove_tree,
 )
 
 USER = "crfs-load"       # its own user, hence its own worker: no other test's worker is touched
@@ -115,11 +115,7 @@ for thread in threads:
     thread.join()
 """
 
-pytestmark = [
-    pytest.mark.skipif(os.getuid() != 0, reason="creates a user and runs podman as it: needs root"),
-    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None,
-                       reason="needs podman and debootstrap"),
-]
+pytestmark = NEEDS_ROOT_AND_PODMAN
 
 
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
@@ -232,18 +228,14 @@ class RelayedImages:
 
 @pytest.fixture(scope="module")
 def user() -> Iterator[PodmanUser]:
-    created = PodmanUser.ensure(USER)
-    yield created
-    created.stop_worker()
+    with podman_user(USER) as created:
+        yield created
 
 
 @pytest.fixture(scope="module")
 def work(user: PodmanUser) -> Iterator[Path]:
-    path = user.make_dir(user.home / "load" / uuid.uuid4().hex[:8])
-    yield path
-    remove_tree(path)
-    for runroot in user.runtime.glob(f"*-{path.name}"):  # ours and prepare_images' builder
-        remove_tree(runroot)
+    with work_dir(user, "load") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
