@@ -327,7 +327,7 @@ def test_truncated_and_garbage_toc_members():
     b = blobgen.zstd_chunked([blobgen.reg("a", b"x")])
     data = bytearray(b.data)
     f = read_footer(MemBlob(b.data), b.annotations)
-    data[f.toc_offset:f.toc_offset + 4] = b"XXXX"  # not a zstd frame any more
+    data[f.toc_offset:f.toc_offset + 4] = b"JUNK"  # not a zstd frame any more
     with pytest.raises(FormatError, match="zstd"):
         b"".join(TocSource(MemBlob(bytes(data)), f).pieces())
 
