@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Each block says who registers it; add yours in your own block."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
@@ -16,6 +17,7 @@ from tests.support.registry import (
 
 if TYPE_CHECKING:
     from tests.support.plugin_env import PluginSession
+    from tests.support.podman import PodmanUser
 
 # ---- registries (tests/support/registry.py) ----
 
@@ -104,3 +106,24 @@ def plugin_env(plugin_session: "PluginSession", monkeypatch: pytest.MonkeyPatch)
     for name, value in plugin_session.env.items():
         monkeypatch.setenv(name, value)
     return plugin_session
+
+
+# ---- rootless podman (tests/support/podman.py) ----
+
+
+@pytest.fixture(scope="module")
+def user(request: pytest.FixtureRequest) -> Iterator["PodmanUser"]:
+    """The module's own podman user (its USER): each module's worker is its own to stop or kill."""
+    from tests.support.podman import podman_user
+
+    with podman_user(request.module.USER) as created:
+        yield created
+
+
+@pytest.fixture(scope="module")
+def work(user: "PodmanUser", request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A private directory in the user's home, named after the module's WORK_LABEL."""
+    from tests.support.podman import work_dir
+
+    with work_dir(user, request.module.WORK_LABEL) as path:
+        yield path

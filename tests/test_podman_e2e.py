@@ -21,8 +21,6 @@ import pytest
 from tests.support.podman import (
     NEEDS_ROOT_AND_PODMAN,
     e2e_images,
-    podman_user,
-    work_dir,
     FULL_FLOW,
     PATHS,
     E2EImages,
@@ -32,21 +30,10 @@ from tests.support.podman import (
 )
 
 USER = "crfs-e2e"
+WORK_LABEL = "e2e"  # names the `work` fixture's directory (tests/conftest.py)
 LAZY_LIMIT = 0.25  # pull + first run may fetch at most this share of the compressed image
 
 pytestmark = NEEDS_ROOT_AND_PODMAN
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[PodmanUser]:
-    with podman_user(USER) as created:
-        yield created
-
-
-@pytest.fixture(scope="module")
-def work(user: PodmanUser) -> Iterator[Path]:
-    with work_dir(user, "e2e") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")

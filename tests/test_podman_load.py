@@ -41,8 +41,6 @@ from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
 from tests.support.podman import (
     NEEDS_ROOT_AND_PODMAN,
-    podman_user,
-    work_dir,
     PATHS,
     PLUGIN_LINE,
     E2EImages,
@@ -54,6 +52,7 @@ from tests.support.podman import (
 )
 
 USER = "crfs-load"       # its own user, hence its own worker: no other test's worker is touched
+WORK_LABEL = "load"  # names the `work` fixture's directory (tests/conftest.py)
 CONTAINERS = 16
 READERS = 4              # per container: 64 readers in all
 READS_PER_READER = 30
@@ -224,18 +223,6 @@ class RelayedImages:
     relay: RecordingFront
     ref: str
     payload_ends: dict[str, int]  # layer digest -> where its file data ends (the TOC starts)
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[PodmanUser]:
-    with podman_user(USER) as created:
-        yield created
-
-
-@pytest.fixture(scope="module")
-def work(user: PodmanUser) -> Iterator[Path]:
-    with work_dir(user, "load") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")

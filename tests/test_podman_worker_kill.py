@@ -27,8 +27,6 @@ import pytest
 from tests.support.podman import (
     NEEDS_ROOT_AND_PODMAN,
     e2e_images,
-    podman_user,
-    work_dir,
     PLUGIN_LINE,
     WRAPPER,
     E2EImages,
@@ -38,6 +36,7 @@ from tests.support.podman import (
 )
 
 USER = "crfs-podkill"   # not the e2e test's user: its worker is ours to kill
+WORK_LABEL = "podkill"  # names the `work` fixture's directory (tests/conftest.py)
 READERS = 8
 DEADLINE = 120.0        # seconds for any one condition; generous on a loaded 2-core VM
 VIEW_FILE_LIMIT = 1 << 20  # larger files are read through the worker's FUSE view (FAILURES.md)
@@ -89,18 +88,6 @@ for thread in threads:
 """.replace("MARKER", MARKER).replace("READERS", str(READERS))
 
 pytestmark = NEEDS_ROOT_AND_PODMAN
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[PodmanUser]:
-    with podman_user(USER) as created:
-        yield created
-
-
-@pytest.fixture(scope="module")
-def work(user: PodmanUser) -> Iterator[Path]:
-    with work_dir(user, "podkill") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")
