@@ -32,6 +32,7 @@ from crfs_worker.imagestore import RegistryStore
 from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
 from tests.support.podman import PATHS, PodmanRoot, PodmanUser
+from tests.support.workers import stop_worker
 
 USER = "crfs-bench"          # not the tests' user: a test session may run beside a benchmark
 LINKS = ("loopback", "emulated")
@@ -139,6 +140,35 @@ def prepared_image(ctx: BenchContext, net: Network, name: str) -> Iterator[Bench
     ctx.record(f"image-{name}", {"gzip_bytes": image.gzip_bytes, "esgz_bytes": image.esgz_bytes,
                                  "layers": len(image.esgz_layers)})
     yield image
+
+
+@contextmanager
+def optimized_image(ctx: BenchContext, net: Network, image: BenchImage,
+                    command: Sequence[str]) -> Iterator[tuple[tuple[str, int], ...]]:
+    """`crfs optimize` of the image's eStargz tag for `command`, pushed as tag `opt` (the
+    files the workload opens come first, before `.prefetch.landmark`). Yields its layers.
+    Runs as root with its own worker, stopped afterwards, over its own caches."""
+    netloc = net.loopback.netloc
+    runtime, cache = ctx.work / "optimize-runtime", ctx.work / "optimize-cache"
+    for directory in (runtime, cache):
+        shutil.rmtree(directory, ignore_errors=True)
+    env = {**os.environ, "CRFS_RUNTIME_DIR": str(runtime), "CRFS_CACHE_DIR": str(cache)}
+    started = time.monotonic()
+    try:
+        done = subprocess.run([str(PYTHON), "-m", "crfs_worker.cli", "optimize", image.ref(netloc, "esgz"),
+                               image.ref(netloc, "opt"), "--", *command], capture_output=True, text=True,
+                              cwd=REPO, env=env)
+    finally:
+        stop_worker(runtime)
+    if done.returncode != 0:
+        raise BenchError(f"crfs optimize of {image.name} failed: {done.stderr[-2000:]}")
+    layers = _layers(netloc, image.repository, "opt")
+    recorded = done.stdout.splitlines()[0] if done.stdout else ""
+    ctx.log(f"image {image.name}: optimised for {' '.join(command)!r} in {time.monotonic() - started:.0f} s "
+            f"({recorded}), {mb(sum(size for _, size in layers)):.0f} MB")
+    ctx.record(f"image-{image.name}-opt", {"command": list(command), "recorded": recorded,
+                                           "opt_bytes": sum(size for _, size in layers)})
+    yield layers
 
 
 # ---------------------------------------------------------------------------- podman
