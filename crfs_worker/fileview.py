@@ -23,6 +23,7 @@ import os
 import subprocess
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -30,7 +31,7 @@ import pyfuse3
 import trio
 
 from .errors import CrfsError
-from .fusetree import BaseNode, FileHandle, Node, NodeAttr, fs_error, refuse_writes
+from .fusetree import ATTR_TIMEOUT, BaseNode, FileHandle, Node, NodeAttr, fs_error, refuse_writes
 from .layer import EntryStat
 from .layerkeys import compose_ino
 
@@ -82,6 +83,7 @@ class LayerViewEntry(BaseNode):
     source: ViewSource
     num: int
     path: str  # layer-relative, "" for the layer's root
+    miss_timeout = ATTR_TIMEOUT  # a layer never changes
 
     def attr(self) -> NodeAttr:
         st = self.source.stat(self.num, self.path)
@@ -99,11 +101,18 @@ class LayerViewEntry(BaseNode):
     def readlink(self) -> str:
         return self.source.readlink(self.num, self.path)
 
+    @cached_property
+    def _xattrs(self) -> dict[str, bytes]:
+        """The entry's xattrs, read once per node: the kernel caches no xattr, and
+        fuse-overlayfs asks for two of every entry it opens."""
+        return {name: self.source.getxattr(self.num, self.path, name)
+                for name in self.source.listxattr(self.num, self.path)}
+
     def xattr_names(self) -> list[str]:
-        return self.source.listxattr(self.num, self.path)
+        return list(self._xattrs)
 
     def xattr(self, name: str) -> bytes:
-        return self.source.getxattr(self.num, self.path, name)
+        return self._xattrs[name]
 
     def open(self, flags: int) -> FileHandle:
         refuse_writes(flags, self.path)
@@ -225,9 +234,30 @@ class ViewOperations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        child, attr = await self._run(parent.may_block, parent.lookup, os.fsdecode(name))
+        try:
+            if parent.may_block:
+                child, attr = await trio.to_thread.run_sync(parent.lookup, os.fsdecode(name))
+            else:
+                child, attr = parent.lookup(os.fsdecode(name))
+        except FileNotFoundError:
+            # The most frequent answer of all (overlay probes `.wh.NAME` for every entry):
+            # no FUSEError round, and a kept miss where the directory cannot change.
+            if parent.miss_timeout > 0:
+                return self._miss(parent.miss_timeout)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except Exception as exc:
+            raise _fuse_error(exc, "view: lookup") from exc
         self._remember(attr.ino, child)
         return self._entry(attr)
+
+    @staticmethod
+    def _miss(timeout: float) -> pyfuse3.EntryAttributes:
+        """A negative entry: inode 0 with a timeout makes the kernel keep the miss (an
+        ENOENT is never kept), so fuse-overlayfs's `.wh.NAME` probes come once."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = timeout
+        return entry
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)

@@ -56,6 +56,9 @@ class FileHandle(Protocol):
 class Node(Protocol):
     # Whether lookup/children may wait on the network (then they run in a worker thread).
     may_block: bool
+    # How long the kernel may remember that a name is NOT in this directory (0: ask every
+    # time). Only an immutable directory can say more than 0.
+    miss_timeout: float
 
     def attr(self) -> NodeAttr: ...
     def lookup(self, name: str) -> tuple["Node", NodeAttr]: ...
@@ -72,6 +75,7 @@ class BaseNode(ABC):
     """Defaults: a read-only node that is neither a directory, a symlink nor a file."""
 
     may_block = False
+    miss_timeout = 0.0
 
     @abstractmethod
     def attr(self) -> NodeAttr:

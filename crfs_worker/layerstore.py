@@ -37,6 +37,7 @@ import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -44,7 +45,7 @@ from .blob import BlobReader
 from .errors import FormatError, InvalidReferenceError, NotFoundError, VerificationError
 from .fileview import LayerFileHandle, entry_attr, join_path
 from .footer import ESTARGZ_UNCOMPRESSED_SIZE
-from .fusetree import BaseNode, BytesFile, FileHandle, Node, NodeAttr, fs_error, refuse_writes
+from .fusetree import ATTR_TIMEOUT, BaseNode, BytesFile, FileHandle, Node, NodeAttr, fs_error, refuse_writes
 from .image import host_platform, layer_descriptors
 from .imagestore import MAX_CONFIG_SIZE, open_location
 from .jsondoc import json_object, parse_json
@@ -443,6 +444,7 @@ class DiffEntry(BaseNode):
     tree: int
     path: str
     whiteout: bool = False
+    miss_timeout = ATTR_TIMEOUT  # a layer never changes
 
     def attr(self) -> NodeAttr:
         return self._attr(self.layers.stat(self.num, self.path))
@@ -486,21 +488,31 @@ class DiffEntry(BaseNode):
     def readlink(self) -> str:
         return self.layers.readlink(self.num, self.path)
 
+    @cached_property
     def _opaque(self) -> bool:
+        # Once per node: overlay asks for three opaque xattrs of every directory it merges.
         return not self.whiteout and self.layers.exists(self.num, join_path(self.path, OPAQUE_MARKER))
 
-    def xattr_names(self) -> list[str]:
+    @cached_property
+    def _xattrs(self) -> dict[str, bytes]:
+        """The xattrs the tree shows, read once per node (the kernel caches no xattr)."""
         if self.whiteout:
-            return []
-        names = [n for n in self.layers.listxattr(self.num, self.path) if not n.startswith(HIDDEN_XATTR_PREFIXES)]
-        return names + list(OPAQUE_XATTRS) if self._opaque() else names
+            return {}
+        shown = {name: self.layers.getxattr(self.num, self.path, name)
+                 for name in self.layers.listxattr(self.num, self.path) if not name.startswith(HIDDEN_XATTR_PREFIXES)}
+        return {**shown, **dict.fromkeys(OPAQUE_XATTRS, b"y")} if self._opaque else shown
+
+    def xattr_names(self) -> list[str]:
+        return list(self._xattrs)
 
     def xattr(self, name: str) -> bytes:
-        if name in OPAQUE_XATTRS and self._opaque():
-            return b"y"
-        if self.whiteout or name.startswith(HIDDEN_XATTR_PREFIXES):
+        if name in OPAQUE_XATTRS:
+            if self._opaque:
+                return b"y"
             raise KeyError(name)
-        return self.layers.getxattr(self.num, self.path, name)
+        if name.startswith(HIDDEN_XATTR_PREFIXES):
+            raise KeyError(name)  # fuse-overlayfs's origin probes: no query
+        return self._xattrs[name]
 
     def open(self, flags: int) -> FileHandle:
         refuse_writes(flags, self.path)
