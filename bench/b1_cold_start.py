@@ -56,7 +56,7 @@ class ColdRun:
 
 
 def crfs_cold_start(pod: Podman, net: Network, image: BenchImage, link: str, variant: Variant) -> ColdRun:
-    root = pod.fresh_root(f"b1-{variant.path}-{variant.tag}-{link}", variant.path)
+    root = pod.fresh_root(f"b1-{variant.path}-{variant.tag}-{link[:4]}", variant.path)  # runroot <= 50 chars
     try:
         pod.cold_worker()
         registry = net.registry(link)

@@ -163,7 +163,7 @@ def optimized_image(ctx: BenchContext, net: Network, image: BenchImage,
     if done.returncode != 0:
         raise BenchError(f"crfs optimize of {image.name} failed: {done.stderr[-2000:]}")
     layers = _layers(netloc, image.repository, "opt")
-    recorded = done.stdout.splitlines()[0] if done.stdout else ""
+    recorded = next((line for line in done.stdout.splitlines() if "recorded in" in line), "")
     ctx.log(f"image {image.name}: optimised for {' '.join(command)!r} in {time.monotonic() - started:.0f} s "
             f"({recorded}), {mb(sum(size for _, size in layers)):.0f} MB")
     ctx.record(f"image-{image.name}-opt", {"command": list(command), "recorded": recorded,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
 
 from .blob import BlobReader
 from .chunkstore import ChunkStore, StoreFullError
@@ -33,6 +34,7 @@ class ChunkLike(Protocol):
     """The part of layer.Chunk this module uses."""
 
     path: str
+    ino: int
     offset: int
     size: int
     cstart: int
@@ -60,6 +62,11 @@ class FetchTarget(Protocol):
         """The layer's chunk `digest` is in the store (for its `bytes in cache`)."""
         ...
 
+    def following(self, chunk: Any, end: int) -> Sequence[Any]:
+        """The digested chunks right after `chunk` in the blob, ending by offset `end`
+        (Layer.chunks_after)."""
+        ...
+
 
 def flight_key(target: FetchTarget, chunk: ChunkLike) -> Hashable:
     """What makes two chunks the same: their digest, or for undigested chunks their place."""
@@ -77,6 +84,7 @@ class Span:
     start: int
     end: int
     chunks: tuple[Any, ...]
+    extra: tuple[Any, ...] = ()  # neighbours fetched along: their failures are theirs alone
 
     @property
     def length(self) -> int:
@@ -109,6 +117,27 @@ def spans_for(chunks: Sequence[ChunkLike], gap: int, limit: int) -> list[Span]:
     zeros = tuple(c for c in chunks if c.zeros)
     spans = [Span(0, 0, zeros)] if zeros else []
     return spans + plan_spans([c for c in chunks if not c.zeros], gap, limit)
+
+
+@dataclass(frozen=True)
+class AheadPolicy:
+    """How far an on-demand fetch reaches beyond what was asked for.
+
+    - `coalesce`: a request for chunks spanning fewer compressed bytes than this also takes
+      the chunks that follow them in the blob (other files': a directory's files are
+      adjacent), up to this many bytes in all, so that the files opened next are local.
+      One request still: on a slow link its cost is one round trip plus the bytes.
+    - `read_ahead`: a file read sequentially has its next chunks fetched, up to this many
+      compressed bytes beyond the read, by `parallel` requests at once, decoded and
+      verified in those threads (zlib, zstd and sha256 release the GIL).
+    0 turns either off."""
+
+    coalesce: int = 1 << 20
+    read_ahead: int = 16 << 20
+    parallel: int = 4
+    request_limit: int = 4 << 20    # compressed bytes per read-ahead request
+    sequential_run: int = 4 << 20  # bytes read back to back before reading ahead
+    tracked_files: int = 256        # files whose last read is remembered
 
 
 # ---------------------------------------------------------------------------- priority
@@ -188,13 +217,35 @@ class _MemoryCache:
 
 
 @dataclass
+class _ReadState:
+    """The reads of one file: where the current run of back-to-back reads began and
+    ended, and after which chunk the read-ahead was last planned (-1: not yet)."""
+
+    start: int
+    end: int
+    planned: int = -1
+
+
+@dataclass
 class ChunkFetcher:
     store: ChunkStore
     gate: FetchGate = field(default_factory=FetchGate)
+    policy: AheadPolicy = field(default_factory=AheadPolicy)
     read_gap: int = 0  # on-demand reads merge only touching ranges: no byte they do not need
     _memory: _MemoryCache = field(default_factory=_MemoryCache, init=False, repr=False)
     _flights: dict[Hashable, _Flight] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _reads: "OrderedDict[tuple[int, int], _ReadState]" = field(
+        default_factory=OrderedDict, init=False, repr=False)
+    _executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False)
+
+    def close(self) -> None:
+        """No more read-ahead; fetches already started finish (their readers wait for them)."""
+        with self._lock:
+            executor, self._executor, self._closed = self._executor, None, True
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     # ---------------------------------------------------------------- readers
 
@@ -203,6 +254,7 @@ class ChunkFetcher:
         covering the range, as Layer.chunks_for returns them) belong to."""
         if not chunks:
             return b""
+        self._read_ahead(target, chunks, offset, size)
         # Pinned: a size-limited store must not evict what this read is about to use.
         with self.store.pinned(c.digest for c in chunks):
             fresh = self.ensure(target, chunks, on_demand=True)
@@ -212,7 +264,7 @@ class ChunkFetcher:
                 hi = min(offset + size - chunk.offset, chunk.size)
                 if hi > lo:
                     pieces.append(self._piece(target, chunk, lo, hi, fresh))
-        return b"".join(pieces)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _piece(self, target: FetchTarget, chunk: ChunkLike, lo: int, hi: int,
                fresh: dict[Hashable, bytes]) -> bytes:
@@ -255,7 +307,8 @@ class ChunkFetcher:
     def ensure(self, target: FetchTarget, chunks: Sequence[ChunkLike], *, on_demand: bool,
                trust_store: bool = True) -> dict[Hashable, bytes]:
         """Makes `chunks` local: digested ones in the store, others in the returned map
-        (by flight key), which also holds the bytes of chunks this call fetched itself."""
+        (by flight key), which also holds the bytes of chunks this call fetched itself.
+        On demand, a small request also takes the chunks that follow (AheadPolicy.coalesce)."""
         fresh: dict[Hashable, bytes] = {}
         missing: dict[Hashable, ChunkLike] = {}
         for chunk in chunks:
@@ -281,6 +334,7 @@ class ChunkFetcher:
             spans = spans_for(mine, self.read_gap, 1 << 62)
             if on_demand:
                 with self.gate.on_demand():
+                    spans = [self._coalesced(target, span) for span in spans]
                     fresh.update(self._fetch_claimed(target, spans))
             else:
                 fresh.update(self._fetch_claimed(target, spans))
@@ -317,6 +371,105 @@ class ChunkFetcher:
             spans.append(Span(start, end, tuple(fetched)))
         stored = self._fetch_claimed(target, spans)
         return sum(len(data) for data in stored.values())
+
+    # ---------------------------------------------------------------- beyond the request
+
+    def _coalesced(self, target: FetchTarget, span: Span) -> Span:
+        """`span` extended over the claimable chunks right after it, within the coalesce
+        window; they travel as `extra`. A chunk that is local or in flight ends the run."""
+        limit = self.policy.coalesce
+        fetched = [c for c in span.chunks if not c.zeros]
+        if not fetched or span.length >= limit:
+            return span
+        last = max(fetched, key=lambda c: c.cend)
+        try:
+            after = target.following(last, span.start + limit)
+        except (CrfsError, OSError) as exc:  # the asked-for chunks do not depend on this
+            log.warning("%s: %s: no neighbours fetched: %s", target.blob.name, last.path, exc)
+            return span
+        run = self._claim_run(target, after)
+        if not run:
+            return span
+        return Span(span.start, run[-1].cend, span.chunks, tuple(run))
+
+    def _claim_run(self, target: FetchTarget, chunks: Sequence[ChunkLike]) -> list[ChunkLike]:
+        """Claims `chunks` in order up to the first that is local or someone's flight."""
+        run: list[ChunkLike] = []
+        with self._lock:
+            for chunk in chunks:
+                key = flight_key(target, chunk)
+                if chunk.digest is None or key in self._flights or self.store.has(chunk.digest, chunk.size):
+                    break
+                self._flights[key] = _Flight()
+                run.append(chunk)
+        return run
+
+    def _read_ahead(self, target: FetchTarget, chunks: Sequence[ChunkLike], offset: int, size: int) -> None:
+        """For a sequential reader of a file: starts fetching the file's next chunks (those
+        neither local nor in flight), a few requests at once, without waiting for them."""
+        last = chunks[-1]
+        if self.policy.read_ahead <= 0 or last.digest is None:
+            return
+        if not self._sequential(target, last, offset, size):
+            return
+        try:
+            after = target.following(last, last.cend + self.policy.read_ahead)
+        except (CrfsError, OSError) as exc:
+            log.warning("%s: %s: no read-ahead: %s", target.blob.name, last.path, exc)
+            return
+        own = [c for c in after if c.ino == last.ino]
+        mine, _theirs = self._claim(target, own)
+        for span in plan_spans(mine, 0, self.policy.request_limit):
+            if not self._submit(self._fetch_ahead, target, span):
+                for chunk in span.chunks:
+                    self._land(target, chunk, None, CrfsError(f"{target.blob.name}: the worker is stopping"))
+
+    def _sequential(self, target: FetchTarget, last: ChunkLike, offset: int, size: int) -> bool:
+        """Whether this read makes a run of back-to-back reads of the file at least
+        `sequential_run` long, and read-ahead was not planned after `last` yet (records
+        the read either way). Short runs (a loader reading headers, mmap faults) fetch
+        no more than they ask for."""
+        key = (target.num, last.ino)
+        with self._lock:
+            if self._closed:
+                return False
+            state = self._reads.pop(key, None)
+            if state is None or offset != state.end:
+                state = _ReadState(offset, offset)
+            state.end = offset + size
+            go = state.end - state.start >= self.policy.sequential_run and state.planned != last.offset
+            if go:
+                state.planned = last.offset
+            self._reads[key] = state
+            while len(self._reads) > self.policy.tracked_files:
+                self._reads.popitem(last=False)
+        return go
+
+    def _fetch_ahead(self, target: FetchTarget, span: Span) -> None:
+        try:
+            with self.gate.on_demand():
+                self._fetch_claimed(target, [span])
+        except (CrfsError, OSError) as exc:  # landed: a reader of these chunks gets it
+            log.info("%s: read-ahead of %s failed: %s", target.blob.name, span.chunks[0].path, exc)
+        except Exception:
+            log.exception("%s: read-ahead", target.blob.name)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Runs `fn` in the fetch threads; False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.policy.parallel,
+                                                    thread_name_prefix="crfs-fetch")
+            executor = self._executor
+        try:
+            executor.submit(fn, *args)
+        except RuntimeError:  # shut down meanwhile
+            return False
+        return True
+
+    # ---------------------------------------------------------------- flights
 
     def _claim(self, target: FetchTarget, chunks: Sequence[ChunkLike]
                ) -> tuple[list[ChunkLike], list[tuple[Hashable, _Flight]]]:
@@ -359,7 +512,9 @@ class ChunkFetcher:
 
     def _fetch_claimed(self, target: FetchTarget, spans: Sequence[Span]) -> dict[Hashable, bytes]:
         """Fetches, verifies and stores claimed chunks (one request per span); every claim
-        is landed, with its error if it failed. Raises the first failure after all landed."""
+        is landed, with its error if it failed. Raises the first failure of an asked-for
+        chunk after all of those landed; a span's `extra` chunks are decoded after them,
+        in the fetch threads, and fail only themselves."""
         out: dict[Hashable, bytes] = {}
         first_error: BaseException | None = None
         for number, span in enumerate(spans):
@@ -367,7 +522,7 @@ class ChunkFetcher:
                 raw = self._request(target, span)
             except BaseException as exc:
                 for rest in spans[number:]:
-                    for chunk in rest.chunks:
+                    for chunk in rest.chunks + rest.extra:
                         self._land(target, chunk, None, exc)
                 raise
             for chunk in span.chunks:
@@ -379,9 +534,25 @@ class ChunkFetcher:
                     continue
                 self._land(target, chunk, data, None, kept)
                 out[flight_key(target, chunk)] = data
+            if span.extra and not self._submit(self._keep_extra, target, span, raw):
+                self._keep_extra(target, span, raw)
         if first_error is not None:
             raise first_error
         return out
+
+    def _keep_extra(self, target: FetchTarget, span: Span, raw: bytes) -> None:
+        """Decodes, verifies and stores the neighbours a request brought along."""
+        for chunk in span.extra:
+            try:
+                data, kept = self._decode_and_keep(target, chunk, raw, span.start)
+            except Exception as exc:  # e.g. a corrupt neighbour: its own reader will see it
+                self._land(target, chunk, None, exc)
+                log.warning("%s: neighbour not kept: %s", target.blob.name, exc)
+                continue
+            except BaseException as exc:
+                self._land(target, chunk, None, exc)
+                raise
+            self._land(target, chunk, data, None, kept)
 
     @staticmethod
     def _request(target: FetchTarget, span: Span) -> bytes:
@@ -398,7 +569,8 @@ class ChunkFetcher:
             self._memory.put(flight_key(target, chunk), data)
             return data, False
         try:
-            self.store.put(chunk.digest, data)
+            # `decode` has just hashed these bytes against the digest: not again.
+            self.store.put(chunk.digest, data, verified=True)
         except StoreFullError as exc:
             # A full disk degrades to fetching: the verified bytes are served, not kept.
             if self.store.not_kept == 1 or self.store.not_kept % 1000 == 0:

@@ -53,6 +53,7 @@ __all__ = ["Chunk", "EntryStat", "Layer", "LayerSource"]
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 COALESCE_GAP = 0  # merge only touching or overlapping compressed ranges
+NEIGHBOUR_GAP = 64 << 10  # neighbouring chunks: tar headers (and little else) lie between
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,59 @@ class Layer:
                         f"{self.name}: {norm}: file data carries no digest to verify it against")
         return [Chunk(norm, ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
                 for r in rows]
+
+    def chunks_after(self, chunk: Chunk, end: int, gap: int = NEIGHBOUR_GAP) -> list[Chunk]:
+        """The digested chunks that follow `chunk` in the blob and end by blob offset `end`:
+        the rest of its file, then the files of its directory that come after it in TOC
+        order (which is blob order), as long as each starts within `gap` bytes of the one
+        before (tar headers lie between). For fetching neighbours along with a chunk;
+        chunks nothing vouches for (no digest) and zeros chunks end the run, as does
+        anything out of blob order (a TOC is untrusted: at worst this fetches `end` bytes
+        that are then verified like any other)."""
+        if chunk.parts:
+            return []
+        found: list[Chunk] = []
+        last = chunk.cend
+        for candidate in self._chunks_following(chunk):
+            if candidate.zeros or candidate.digest is None or candidate.cend > end:
+                break
+            if not last <= candidate.cstart <= last + gap:
+                break
+            found.append(candidate)
+            last = candidate.cend
+        return found
+
+    def _chunks_following(self, chunk: Chunk) -> Iterator[Chunk]:
+        """Chunks after `chunk`: its file's, then those of the regular files after it in
+        its directory, up to the first entry of another directory. (The SQL reads the
+        index's node table: no index method walks entries by blob order.)"""
+        prefix = chunk.path.rpartition("/")[0]
+        with self._lock:
+            rest = self.index.chunks(chunk.ino, chunk.offset + chunk.size)
+        for r in rest:
+            if r.foff > chunk.offset:
+                yield Chunk(chunk.path, chunk.ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
+        with self._lock:
+            row = self.index._one("SELECT parent FROM node WHERE seq = ?", (chunk.ino,))
+        parent = row[0] if row else None
+        seq = chunk.ino
+        while True:
+            with self._lock:
+                rows = self.index._all(
+                    "SELECT seq, parent, name, ino, mode, size FROM node WHERE seq > ? "
+                    "ORDER BY seq LIMIT 64", (seq,))
+            if not rows:
+                return
+            for seq, node_parent, name, ino, mode, size in rows:
+                if node_parent != parent:
+                    return  # another directory's files: less likely wanted next
+                if ino != seq or not st.S_ISREG(mode) or size == 0:
+                    continue  # no data of its own: a directory, link, hardlink or empty file
+                path = f"{prefix}/{name}" if prefix else name
+                with self._lock:
+                    rows_of_file = self.index.chunks(ino)
+                for r in rows_of_file:
+                    yield Chunk(path, ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
 
     @staticmethod
     def fetch_ranges(chunks: list[Chunk], gap: int = COALESCE_GAP) -> list[tuple[int, int]]:

@@ -61,6 +61,7 @@ class LayerLike(Protocol):
     def listxattr(self, path: str) -> list[str]: ...
     def getxattr(self, path: str, name: str) -> bytes: ...
     def chunks_for(self, path: str, offset: int, size: int) -> list[Any]: ...
+    def chunks_after(self, chunk: Any, end: int) -> list[Any]: ...
     def decode_chunk(self, chunk: Any, raw: bytes) -> bytes: ...
     def walk(self) -> Any: ...
     def prefetch_range(self) -> tuple[int, int] | None: ...
@@ -161,6 +162,9 @@ class LiveLayer:
     def note_local(self, digest: bytes, size: int) -> None:
         self.stats.count_local(digest, size)
 
+    def following(self, chunk: Any, end: int) -> list[Any]:
+        return self.layer.chunks_after(chunk, end)
+
     def file_digest(self, path: str) -> str | None:
         """The TOC's whole-file digest for `path` (the content cache key), if it has one."""
         st = self.layer.stat(path)
@@ -220,12 +224,13 @@ class LayerTable:
     def __post_init__(self) -> None:
         if self.blob_opener is None:
             self.blob_opener = RecordBlobOpener(self.options)
-        self.fetcher = ChunkFetcher(self.store)
+        self.fetcher = ChunkFetcher(self.store, policy=self.options.ahead)
         self.background = BackgroundFetcher(self.fetcher, self.options)
 
     def close(self) -> None:
-        """Stops the background fetch."""
+        """Stops the background fetch and the read-ahead."""
         self.background.close()
+        self.fetcher.close()
 
     def get(self, num: int) -> LiveLayer:
         live = self._live.get(num)

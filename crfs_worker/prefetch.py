@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Protocol
 
-from .chunkfetch import ChunkFetcher, ChunkLike, FetchTarget, Span, spans_for
+from .chunkfetch import AheadPolicy, ChunkFetcher, ChunkLike, FetchTarget, Span, spans_for
 from .errors import CrfsError, RegistryError, UnverifiableError
 
 log = logging.getLogger(__name__)
@@ -70,19 +70,30 @@ class FetchOptions:
     attempts: int = 4                # tries of one registry request (connection errors, 5xx)
     deadline: float = 30.0           # seconds after which a request stops retrying
     retry_delays: tuple[float, ...] = (15.0, 60.0, 300.0)  # background retries of a failed layer
+    ahead: AheadPolicy = field(default_factory=AheadPolicy)  # on-demand fetches: neighbours, read-ahead
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None, *,
                          background: bool | None = None) -> "FetchOptions":
-        """CRFS_BACKGROUND_FETCH (1/0), CRFS_FETCH_ATTEMPTS, CRFS_FETCH_DEADLINE; an
-        explicit `background` (the worker's --no-background-fetch) wins over the variable."""
+        """CRFS_BACKGROUND_FETCH (1/0), CRFS_FETCH_ATTEMPTS, CRFS_FETCH_DEADLINE,
+        CRFS_FETCH_COALESCE and CRFS_FETCH_READ_AHEAD (bytes; 0 = off), CRFS_FETCH_PARALLEL
+        (read-ahead requests in flight); an explicit `background` (the worker's
+        --no-background-fetch) wins over the variable."""
         env = os.environ if env is None else env
         defaults = cls()
         enabled = _env_bool(env, "CRFS_BACKGROUND_FETCH", defaults.background)
+        ahead = defaults.ahead
+        ahead = replace(
+            ahead,
+            coalesce=int(_env_number(env, "CRFS_FETCH_COALESCE", ahead.coalesce, 0)),
+            read_ahead=int(_env_number(env, "CRFS_FETCH_READ_AHEAD", ahead.read_ahead, 0)),
+            parallel=int(_env_number(env, "CRFS_FETCH_PARALLEL", ahead.parallel, 1)),
+        )
         return cls(
             background=enabled if background is None else background,
             attempts=int(_env_number(env, "CRFS_FETCH_ATTEMPTS", defaults.attempts, 1)),
             deadline=_env_number(env, "CRFS_FETCH_DEADLINE", defaults.deadline, 0.1),
+            ahead=ahead,
         )
 
     def registry_config(self) -> Any:

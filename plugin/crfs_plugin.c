@@ -151,6 +151,17 @@ struct crfs_layer
   size_t cached_entries;
 };
 
+/* A directory stream answered from the cached listing (see crfs_opendir). */
+struct listing_stream
+{
+  struct listing_stream *next;
+  DIR *dir; /* what fuse-overlayfs holds: a real DIR * on an O_PATH fd, never read */
+  struct crfs_layer *cl;
+  char *path; /* normalised */
+  size_t pos;
+  struct dirent ent; /* valid until the next readdir or closedir */
+};
+
 struct crfs_state
 {
   pthread_mutex_t cache_lock; /* taken before lock, never after */
@@ -160,9 +171,19 @@ struct crfs_state
   bool stale_fds; /* the connection broke: root fds may point at a dead view */
   FILE *log;
   bool log_checked;
+  /* Under cache_lock: the open listing streams, and whether the call just before was
+   * load_dir's statat(STATX_TYPE) of a directory (dir_probe_path in dir_probe_layer). */
+  struct listing_stream *streams;
+  bool dir_probe;
+  struct ovl_layer *dir_probe_layer;
+  char dir_probe_path[PATH_MAX];
 };
 
-static struct crfs_state state = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, -1, NULL, false, NULL, false };
+static struct crfs_state state = {
+  .cache_lock = PTHREAD_MUTEX_INITIALIZER,
+  .lock = PTHREAD_MUTEX_INITIALIZER,
+  .sock = -1,
+};
 
 static void
 trace (const char *fmt, ...)
@@ -1421,6 +1442,19 @@ fetch_root (struct crfs_layer *cl)
   return 0;
 }
 
+/* The listing of directory DIR (normalised), fetched if not cached yet; it may record
+ * that DIR is absent (d->error). Valid until the next fetch. Called with cache_lock held. */
+static struct cached_dir *
+get_dir (struct crfs_layer *cl, const char *dir)
+{
+  struct cached_dir *d;
+
+  for (d = cl->dirs[path_bucket (dir)]; d; d = d->next)
+    if (strcmp (d->path, dir) == 0)
+      return d;
+  return fetch_dir (cl, dir);
+}
+
 /* The cached entry for NORM (valid until the next fetch), or NULL with errno.
  * Called with cache_lock held. */
 static const struct cached_entry *
@@ -1445,10 +1479,7 @@ find_entry (struct crfs_layer *cl, const char *norm)
     }
   else
     dir[0] = '\0';
-  for (d = cl->dirs[path_bucket (dir)]; d; d = d->next)
-    if (strcmp (d->path, dir) == 0)
-      break;
-  if (d == NULL && (d = fetch_dir (cl, dir)) == NULL)
+  if ((d = get_dir (cl, dir)) == NULL)
     return NULL;
   if (d->error)
     {
@@ -1501,6 +1532,23 @@ has_xattr (const struct cached_entry *e, const char *name)
   while (0)
 
 /* ---- The data source ---- */
+
+#ifndef STATX_TYPE
+#define STATX_TYPE 0x0001U
+#endif
+
+/* Forgets that the last call was load_dir's directory probe: any other call between
+ * that statat and an opendir means the opendir is not load_dir's (see crfs_opendir). */
+static void
+forget_dir_probe (void)
+{
+  pthread_mutex_lock (&state.cache_lock);
+  state.dir_probe = false;
+  pthread_mutex_unlock (&state.cache_lock);
+}
+
+static void drop_streams (struct crfs_layer *cl);
+
 
 static int
 crfs_num_of_layers (const char *opaque, const char *path)
@@ -1580,7 +1628,12 @@ crfs_cleanup (struct ovl_layer *l)
       }
   pthread_mutex_unlock (&state.lock);
   if (found)
-    free_layer (cl);
+    {
+      drop_streams (cl);
+      free_layer (cl);
+    }
+  if (state.dir_probe_layer == l)
+    state.dir_probe = false;
   pthread_mutex_unlock (&state.cache_lock);
   l->data_source_private_data = NULL;
   return 0;
@@ -1590,6 +1643,8 @@ static int
 crfs_file_exists (struct ovl_layer *l, const char *pathname)
 {
   int ret = 0;
+
+  forget_dir_probe ();
 
   WITH_ENTRY (l, pathname, e, (void) e; ret = 0);
   trace ("file_exists(%s) = %d errno %d", pathname, ret, ret < 0 ? errno : 0);
@@ -1623,9 +1678,20 @@ crfs_statat (struct ovl_layer *l, const char *path, struct stat *st, int flags, 
   int ret = 0;
 
   (void) flags; /* always AT_SYMLINK_NOFOLLOW: layers never follow symlinks */
-  (void) mask;  /* the answer is complete whatever the hint */
-  WITH_ENTRY (l, path, e, fill_stat (e->st, layer_of (l)->dev, st); ret = 0);
-  trace ("statat(%s) = %d errno %d", path, ret, ret < 0 ? errno : 0);
+  forget_dir_probe ();
+  /* The answer is complete whatever the mask; STATX_TYPE alone on a directory is how
+   * load_dir asks right before it opens the directory to list it. */
+  WITH_ENTRY (l, path, e, {
+    fill_stat (e->st, layer_of (l)->dev, st);
+    ret = 0;
+    if (mask == STATX_TYPE && S_ISDIR (e->st[1]))
+      {
+        state.dir_probe = true;
+        state.dir_probe_layer = l;
+        strcpy (state.dir_probe_path, norm_);
+      }
+  });
+  trace ("statat(%s, 0x%x) = %d errno %d", path, mask, ret, ret < 0 ? errno : 0);
   return ret;
 }
 
@@ -1711,17 +1777,12 @@ open_fd (struct ovl_layer *l, const char *path, int flags)
   return worker_open (l, norm, flags);
 }
 
-static void *
-crfs_opendir (struct ovl_layer *l, const char *path)
+/* A real DIR * on FD, or NULL with errno (FD closed). */
+static DIR *
+dir_stream (int fd)
 {
-  int fd = open_fd (l, path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  DIR *dp;
+  DIR *dp = fdopendir (fd);
 
-  trace ("opendir(%s) fd %d", path, fd);
-  if (fd < 0)
-    return NULL;
-  /* A real DIR *: fuse-overlayfs calls libc readdir/closedir on it directly. */
-  dp = fdopendir (fd);
   if (dp == NULL)
     {
       int saved = errno;
@@ -1731,16 +1792,233 @@ crfs_opendir (struct ovl_layer *l, const char *path)
   return dp;
 }
 
+/* load_dir's stream of NORM (a directory of this layer, just probed): a real DIR *, but
+ * on an O_PATH fd of the layer root, which costs no request on the worker's view; its
+ * entries come from the cached listing through crfs_readdir. libc readdir on it fails
+ * with EBADF: it can never list anything wrong. Called with cache_lock held. */
+static DIR *
+listing_opendir (struct ovl_layer *l, const char *norm)
+{
+  struct crfs_layer *cl = layer_of (l);
+  struct listing_stream *s;
+  struct cached_dir *d;
+  int fd;
+
+  d = get_dir (cl, norm);
+  if (d == NULL)
+    return NULL;
+  if (d->error)
+    {
+      errno = d->error;
+      return NULL;
+    }
+  s = calloc (1, sizeof (*s));
+  if (s == NULL)
+    return NULL;
+  s->path = strdup (norm);
+  fd = openat (l->fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (s->path == NULL || fd < 0 || (s->dir = dir_stream (fd)) == NULL)
+    {
+      int saved = errno;
+      free (s->path);
+      free (s);
+      errno = saved;
+      return NULL;
+    }
+  s->cl = cl;
+  s->next = state.streams;
+  state.streams = s;
+  return s->dir;
+}
+
+/* Every DIR * is real: fuse-overlayfs lists with ds->readdir in load_dir, but when a
+ * directory is renamed over a whiteout (create_missing_whiteouts) it calls libc
+ * readdir/closedir on what ds->opendir returned. load_dir alone probes the directory
+ * with statat(STATX_TYPE) immediately before opendir (fuse-overlayfs 1.10 to 1.16 hold
+ * one lock around all ds calls, so nothing comes between): only then is the stream
+ * served from the listing. Any other opendir gets a stream of the worker's view. */
+static void *
+crfs_opendir (struct ovl_layer *l, const char *path)
+{
+  char norm[PATH_MAX];
+  DIR *dp = NULL;
+  bool probed;
+  int fd;
+
+  if (normalize_path (path, norm, sizeof (norm)) < 0)
+    return NULL;
+  pthread_mutex_lock (&state.cache_lock);
+  probed = state.dir_probe && state.dir_probe_layer == l && strcmp (state.dir_probe_path, norm) == 0;
+  state.dir_probe = false;
+  if (probed)
+    {
+      dp = listing_opendir (l, norm);
+      trace ("opendir(%s) from the listing: %p", path, (void *) dp);
+    }
+  pthread_mutex_unlock (&state.cache_lock);
+  if (probed)
+    return dp;
+  fd = open_fd (l, path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  trace ("opendir(%s) fd %d", path, fd);
+  if (fd < 0)
+    return NULL;
+  return dir_stream (fd);
+}
+
+/* Unlinks and returns the listing stream of DIRP, if it is one. cache_lock held. */
+static struct listing_stream *
+take_stream (DIR *dirp)
+{
+  struct listing_stream **it;
+
+  for (it = &state.streams; *it; it = &(*it)->next)
+    if ((*it)->dir == dirp)
+      {
+        struct listing_stream *s = *it;
+        *it = s->next;
+        return s;
+      }
+  return NULL;
+}
+
+static struct listing_stream *
+find_stream (DIR *dirp)
+{
+  struct listing_stream *s;
+
+  for (s = state.streams; s; s = s->next)
+    if (s->dir == dirp)
+      return s;
+  return NULL;
+}
+
+/* The next entry of S from its directory's listing (fetched again if the cache was
+ * flushed since: a listing never changes, so positions stay valid). cache_lock held. */
+static struct dirent *
+listing_next (struct listing_stream *s)
+{
+  struct cached_dir *d = get_dir (s->cl, s->path);
+  const struct cached_entry *e;
+
+  if (d == NULL)
+    return NULL;
+  if (d->error)
+    {
+      errno = d->error;
+      return NULL;
+    }
+  /* A name no dirent can hold cannot be looked up either. */
+  while (s->pos < d->count && strlen (d->entries[s->pos].name) >= sizeof (s->ent.d_name))
+    s->pos++;
+  if (s->pos >= d->count)
+    return NULL; /* the end: errno untouched */
+  e = &d->entries[s->pos++];
+  memset (&s->ent, 0, offsetof (struct dirent, d_name));
+  s->ent.d_ino = (ino_t) e->st[0];
+  s->ent.d_off = (off_t) s->pos;
+  s->ent.d_reclen = sizeof (s->ent);
+  s->ent.d_type = (unsigned char) IFTODT (e->st[1]);
+  strcpy (s->ent.d_name, e->name);
+  return &s->ent;
+}
+
 static struct dirent *
 crfs_readdir (void *dirp)
 {
-  return readdir ((DIR *) dirp);
+  struct listing_stream *s;
+  struct dirent *dent;
+  int saved = errno;
+
+  pthread_mutex_lock (&state.cache_lock);
+  state.dir_probe = false;
+  s = find_stream ((DIR *) dirp);
+  if (s == NULL)
+    {
+      pthread_mutex_unlock (&state.cache_lock);
+      return readdir ((DIR *) dirp);
+    }
+  errno = saved;
+  dent = listing_next (s);
+  saved = errno;
+  pthread_mutex_unlock (&state.cache_lock);
+  errno = saved;
+  return dent;
+}
+
+static void
+free_stream (struct listing_stream *s)
+{
+  free (s->path);
+  free (s);
 }
 
 static int
 crfs_closedir (void *dirp)
 {
+  struct listing_stream *s;
+
+  pthread_mutex_lock (&state.cache_lock);
+  state.dir_probe = false;
+  s = take_stream ((DIR *) dirp);
+  pthread_mutex_unlock (&state.cache_lock);
+  if (s)
+    free_stream (s);
   return closedir ((DIR *) dirp);
+}
+
+/* Closes the listing streams of CL (all of them if CL is NULL). cache_lock held. */
+static void
+drop_streams (struct crfs_layer *cl)
+{
+  struct listing_stream **it = &state.streams;
+
+  while (*it)
+    {
+      struct listing_stream *s = *it;
+      if (cl != NULL && s->cl != cl)
+        {
+          it = &s->next;
+          continue;
+        }
+      *it = s->next;
+      closedir (s->dir);
+      free_stream (s);
+    }
+}
+
+/* fuse-overlayfs (1.10 to 1.16) opens with exactly these flags and mode in two places:
+ * make_ovl_node, on every lookup without fast_ino=1, only to fgetxattr the origin
+ * attributes (trusted.overlay.origin, user.fuseoverlayfs.origin) from the fd - when the
+ * open fails it takes the same answer from statat and treats the entry as having no
+ * origin; and ovl_copy_file_range, which replies our errno to the kernel, and the
+ * kernel answers ENOSYS by copying through ordinary reads instead. So for an entry
+ * without origin attributes, failing such an open with ENOSYS is exact for both, and
+ * spares the worker's view an open, two getxattr and a release per entry. */
+#define LOOKUP_OPEN_FLAGS (O_RDONLY | O_NONBLOCK | O_NOFOLLOW)
+#define LOOKUP_OPEN_MODE 0755
+
+/* True only for an entry of this layer known to carry no origin attribute; anything
+ * else (absent, a bad path, a worker that cannot answer) takes the ordinary open. */
+static bool
+is_origin_xattr_free (struct ovl_layer *l, const char *path)
+{
+  char norm[PATH_MAX];
+  const struct cached_entry *e;
+  bool free_of_origin = false;
+  int saved = errno;
+
+  if (normalize_path (path, norm, sizeof (norm)) < 0)
+    {
+      errno = saved;
+      return false;
+    }
+  pthread_mutex_lock (&state.cache_lock);
+  e = find_entry (layer_of (l), norm);
+  if (e != NULL)
+    free_of_origin = ! has_xattr (e, "trusted.overlay.origin") && ! has_xattr (e, "user.fuseoverlayfs.origin");
+  pthread_mutex_unlock (&state.cache_lock);
+  errno = saved;
+  return free_of_origin;
 }
 
 static int
@@ -1748,15 +2026,21 @@ crfs_openat (struct ovl_layer *l, const char *path, int flags, mode_t mode)
 {
   int fd;
 
-  (void) mode;
+  forget_dir_probe ();
   /* O_TMPFILE includes O_DIRECTORY's bit: compare the whole mask. */
   if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC)) || (flags & O_TMPFILE) == O_TMPFILE)
     {
       errno = EROFS;
       return -1;
     }
+  if (flags == LOOKUP_OPEN_FLAGS && mode == LOOKUP_OPEN_MODE && is_origin_xattr_free (l, path))
+    {
+      trace ("openat(%s, 0%o, 0%o) = -1 lookup open answered without an fd", path, flags, mode);
+      errno = ENOSYS;
+      return -1;
+    }
   fd = open_fd (l, path, flags);
-  trace ("openat(%s, 0%o) = %d errno %d", path, flags, fd, fd < 0 ? errno : 0);
+  trace ("openat(%s, 0%o, 0%o) = %d errno %d", path, flags, mode, fd, fd < 0 ? errno : 0);
   return fd;
 }
 
@@ -1764,6 +2048,8 @@ static int
 crfs_listxattr (struct ovl_layer *l, const char *path, char *buf, size_t size)
 {
   int ret = 0;
+
+  forget_dir_probe ();
 
   WITH_ENTRY (l, path, e, {
     if (size > 0 && size < e->xattr_len)
@@ -1821,6 +2107,8 @@ crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *bu
 {
   int ret = 0;
 
+  forget_dir_probe ();
+
   /* Most questions (security.selinux, posix ACLs, overlay opaque markers) are about
    * attributes the entry does not have: the cached name list answers those. */
   WITH_ENTRY (l, path, e, {
@@ -1846,6 +2134,7 @@ crfs_readlinkat (struct ovl_layer *l, const char *path, char *buf, size_t bufsiz
   uint32_t len = 0;
   int ret = 0;
 
+  forget_dir_probe ();
   WITH_ENTRY (l, path, e, {
     if (! S_ISLNK (e->st[1]))
       {
@@ -1928,6 +2217,8 @@ plugin_release (void)
   pthread_mutex_lock (&state.cache_lock);
   pthread_mutex_lock (&state.lock);
   disconnect_locked ();
+  drop_streams (NULL);
+  state.dir_probe = false;
   while (state.layers)
     {
       /* The ovl_layer structs may be freed already: do not touch them. */
