@@ -41,6 +41,14 @@ class Target:
         measured = ratio if self.on == "ratio" else crfs
         return measured <= self.value if self.op == "<=" else measured >= self.value
 
+    @classmethod
+    def parse(cls, text: str | None) -> "Target | None":
+        """The target `text` wrote ("ratio <= 0.1", "crfs <= 10 s"), for older results."""
+        if not text:
+            return None
+        on, op, value, *_unit = text.split()
+        return cls(op, float(value), on)
+
     def text(self, unit: str = "") -> str:
         if self.on == "ratio":
             return f"ratio {self.op} {self.value:g}"
@@ -82,8 +90,17 @@ class Figure:
         data = asdict(self)
         data.update(crfs_median=self.crfs_median, baseline_median=self.baseline_median,
                     ratio=self.ratio, met=self.met,
-                    target=None if self.target is None else self.target.text(self.unit))
+                    target=None if self.target is None else self.target.text(self.unit),
+                    target_bound=None if self.target is None else asdict(self.target))
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Figure":
+        """The figure `as_dict` wrote (an earlier run's results.json)."""
+        bound = data.get("target_bound")
+        target = Target(**bound) if bound else Target.parse(data.get("target"))
+        return cls(data["bench"], data["name"], data["unit"], list(data["crfs"]), list(data["baseline"]),
+                   data["baseline_name"], target, data.get("notes", ""))
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,28 @@ class Machine:
 
     def finish(self) -> None:
         self.load_after = os.getloadavg()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Machine":
+        after = data.get("load_after")
+        return cls(**{**data, "load_before": tuple(data["load_before"]),
+                      "load_after": tuple(after) if after else None})
+
+
+@dataclass
+class Run:
+    """One invocation of bench/run.py: which benchmarks it measured, where and when."""
+
+    benchmarks: list[str]
+    machine: Machine
+    reps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"benchmarks": self.benchmarks, "machine": asdict(self.machine), "repetitions": self.reps}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Run":
+        return cls(list(data["benchmarks"]), Machine.from_dict(data["machine"]), int(data["repetitions"]))
 
 
 # ---------------------------------------------------------------------------- run context

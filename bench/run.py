@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report  # noqa: E402
-from bench.common import MIN_REPS, BenchContext, Failure, Figure, Machine  # noqa: E402
+from bench.common import MIN_REPS, BenchContext, Failure, Figure, Machine, Run  # noqa: E402
 
 BENCHMARKS = {
     "B1": "bench.b1_cold_start",
@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"scratch space for registries, storage, generated blobs (default {DEFAULT_WORK})")
     parser.add_argument("--quick", action="store_true",
                         help="smaller stand-ins (B4: 100k entries; B5: minbase + python3): for trying the suite")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other benchmarks' figures from the results already in --out "
+                             "(each stays stamped with its own run's date, commit and load)")
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="emulated link rate (default 100)")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="emulated link round trip (default 20)")
     args = parser.parse_args(argv)
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ctx.close()
         machine.finish()
-        json_path, md_path = report.write(args.out, machine, args.reps, figures, failures, ctx.extras)
+        json_path, md_path = report.write(args.out, Run(args.only, machine, args.reps), figures, failures,
+                                          ctx.extras, update=args.update)
         ctx.log(f"wrote {json_path} and {md_path}")
     return 1 if failures else 0
 

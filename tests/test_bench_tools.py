@@ -5,6 +5,7 @@ Real sockets, a real network namespace and real tc (root only for those)."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from bench.common import Figure, Target
+from bench import report
+from bench.common import Figure, Machine, Run, Target
 from bench.netlink import (
     SUBNET_POOL,
     DelayRelay,
@@ -227,3 +229,36 @@ def test_figure_ratio_and_targets() -> None:
     assert absolute.met is False and absolute.as_dict()["target"] == "crfs <= 10 s"
     throughput = Figure("B0", "z", "MB/s", [60.0, 70.0, 80.0], [100.0, 100.0, 100.0], "base", Target(">=", 0.7))
     assert throughput.met is True
+
+
+def _figure(bench: str, name: str, crfs: float) -> Figure:
+    return Figure(bench, name, "s", [crfs] * 3, [10.0] * 3, "baseline", Target("<=", 0.1))
+
+
+def test_update_keeps_other_benchmarks_with_their_own_run(tmp_path: Path) -> None:
+    """`bench/run.py --only B1 --update`: B1 is replaced, B2 kept, each stamped with its run."""
+    first, second = Machine.now(), Machine.now()
+    first.finish()
+    second.finish()
+    second.commit = "second-commit"
+    report.write(tmp_path, Run(["B1", "B2"], first, 3), [_figure("B1", "old b1", 5.0), _figure("B2", "b2", 0.5)],
+                 [], {"B2": {"fact": 1}})
+    report.write(tmp_path, Run(["B1"], second, 3), [_figure("B1", "new b1", 0.9)], [], {"B1": {"fact": 2}},
+                 update=True)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(f["bench"], f["name"]) for f in data["figures"]] == [("B1", "new b1"), ("B2", "b2")]
+    assert [r["benchmarks"] for r in data["runs"]] == [["B2"], ["B1"]]
+    assert data["runs"][1]["machine"]["commit"] == "second-commit"
+    assert data["facts"] == {"B2": {"fact": 1}, "B1": {"fact": 2}}
+    kept = Figure.from_dict(data["figures"][1])
+    assert kept.met is True and kept.target == Target("<=", 0.1)
+    text = (tmp_path / "results.md").read_text()
+    assert "- B1: date:" in text and "commit second-commit" in text and "- B2: date:" in text
+
+
+def test_without_update_a_run_replaces_the_results(tmp_path: Path) -> None:
+    machine = Machine.now()
+    report.write(tmp_path, Run(["B2"], machine, 3), [_figure("B2", "b2", 0.5)], [], {})
+    report.write(tmp_path, Run(["B1"], machine, 3), [_figure("B1", "b1", 0.9)], [], {})
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [f["bench"] for f in data["figures"]] == ["B1"]
