@@ -174,6 +174,7 @@ struct crfs_state
   /* Under cache_lock: the open listing streams, and whether the call just before was
    * load_dir's statat(STATX_TYPE) of a directory (dir_probe_path in dir_probe_layer). */
   struct listing_stream *streams;
+  int dead_dir; /* an fd of a removed directory: getdents on it fails with ENOENT */
   bool dir_probe;
   struct ovl_layer *dir_probe_layer;
   char dir_probe_path[PATH_MAX];
@@ -183,6 +184,7 @@ static struct crfs_state state = {
   .cache_lock = PTHREAD_MUTEX_INITIALIZER,
   .lock = PTHREAD_MUTEX_INITIALIZER,
   .sock = -1,
+  .dead_dir = -1,
 };
 
 static void
@@ -1792,10 +1794,43 @@ dir_stream (int fd)
   return dp;
 }
 
+/* A new fd of a directory that no longer exists (made in our private runtime directory
+ * and removed at once): fdopendir accepts it (O_PATH fds are refused by newer glibc) and
+ * the kernel fails getdents on it with ENOENT, so it never lists anything. cache_lock held. */
+static int
+dead_dir_fd (void)
+{
+  char dir[PATH_MAX], tmpl[PATH_MAX];
+
+  if (state.dead_dir < 0)
+    {
+      if (runtime_dir (dir, sizeof (dir)) < 0)
+        return -1;
+      if (snprintf (tmpl, sizeof (tmpl), "%s/dead-dir.XXXXXX", dir) >= (int) sizeof (tmpl))
+        {
+          errno = ENAMETOOLONG;
+          return -1;
+        }
+      if (mkdtemp (tmpl) == NULL)
+        return -1;
+      state.dead_dir = open (tmpl, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (rmdir (tmpl) < 0 && state.dead_dir >= 0)
+        {
+          close (state.dead_dir); /* still alive: it could list something */
+          state.dead_dir = -1;
+          errno = EEXIST;
+        }
+      if (state.dead_dir < 0)
+        return -1;
+    }
+  return fcntl (state.dead_dir, F_DUPFD_CLOEXEC, 0);
+}
+
 /* load_dir's stream of NORM (a directory of this layer, just probed): a real DIR *, but
- * on an O_PATH fd of the layer root, which costs no request on the worker's view; its
- * entries come from the cached listing through crfs_readdir. libc readdir on it fails
- * with EBADF: it can never list anything wrong. Called with cache_lock held. */
+ * on a removed directory, which costs no request on the worker's view; its entries come
+ * from the cached listing through crfs_readdir. libc readdir on it fails with ENOENT:
+ * it can never list anything wrong. NULL with errno EAGAIN: use the view instead.
+ * Called with cache_lock held. */
 static DIR *
 listing_opendir (struct ovl_layer *l, const char *norm)
 {
@@ -1816,13 +1851,13 @@ listing_opendir (struct ovl_layer *l, const char *norm)
   if (s == NULL)
     return NULL;
   s->path = strdup (norm);
-  fd = openat (l->fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  fd = s->path ? dead_dir_fd () : -1;
   if (s->path == NULL || fd < 0 || (s->dir = dir_stream (fd)) == NULL)
     {
-      int saved = errno;
+      trace ("no listing stream for %s: %s", norm, strerror (errno));
       free (s->path);
       free (s);
-      errno = saved;
+      errno = EAGAIN;
       return NULL;
     }
   s->cl = cl;
@@ -1854,6 +1889,7 @@ crfs_opendir (struct ovl_layer *l, const char *path)
     {
       dp = listing_opendir (l, norm);
       trace ("opendir(%s) from the listing: %p", path, (void *) dp);
+      probed = dp != NULL || errno != EAGAIN;
     }
   pthread_mutex_unlock (&state.cache_lock);
   if (probed)
@@ -2219,6 +2255,9 @@ plugin_release (void)
   disconnect_locked ();
   drop_streams (NULL);
   state.dir_probe = false;
+  if (state.dead_dir >= 0)
+    close (state.dead_dir);
+  state.dead_dir = -1;
   while (state.layers)
     {
       /* The ovl_layer structs may be freed already: do not touch them. */
