@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
@@ -238,6 +238,7 @@ class ChunkFetcher:
     _reads: "OrderedDict[tuple[int, int], _ReadState]" = field(
         default_factory=OrderedDict, init=False, repr=False)
     _executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pending: set["Future[None]"] = field(default_factory=set, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
 
     def close(self) -> None:
@@ -246,6 +247,14 @@ class ChunkFetcher:
             executor, self._executor, self._closed = self._executor, None, True
         if executor is not None:
             executor.shutdown(wait=False)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Waits until the read-ahead and neighbour work started so far is done; False if
+        some is still running after `timeout` seconds."""
+        with self._lock:
+            pending = list(self._pending)
+        _done, running = wait(pending, timeout)
+        return not running
 
     # ---------------------------------------------------------------- readers
 
@@ -464,10 +473,17 @@ class ChunkFetcher:
                                                     thread_name_prefix="crfs-fetch")
             executor = self._executor
         try:
-            executor.submit(fn, *args)
+            future = executor.submit(fn, *args)
         except RuntimeError:  # shut down meanwhile
             return False
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
         return True
+
+    def _forget(self, future: "Future[None]") -> None:
+        with self._lock:
+            self._pending.discard(future)
 
     # ---------------------------------------------------------------- flights
 
