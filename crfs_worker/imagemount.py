@@ -69,7 +69,9 @@ def mount_image(reference: str, target: Path, *, allow_unverified: bool = False,
 
     worker.ensure_worker()
     lowerdir = lowerdir_for(reference, allow_unverified=allow_unverified)
-    options = f"lowerdir={lowerdir},plugins={plugin}" + (f",{extra_options}" if extra_options else "")
+    # fast_ino=1: nodes keyed by readdir's d_ino, unique across crfs layers (see mountprogram.rewrite).
+    fast_ino = "" if "fast_ino=" in extra_options else ",fast_ino=1"
+    options = f"lowerdir={lowerdir},plugins={plugin}{fast_ino}" + (f",{extra_options}" if extra_options else "")
     try:
         result = subprocess.run([program, "-o", options, str(target)], stdin=subprocess.DEVNULL,
                                 capture_output=True, text=True, timeout=MOUNT_TIMEOUT)

@@ -143,6 +143,15 @@ def rewrite(argv: Sequence[str], program: str, plugin: Path | None) -> Rewrite:
     inv.set_option("lowerdir", ":".join(f"//crfs/{key}//" if key else lower for lower, key in zip(lowers, keys)))
     plugins = inv.option("plugins")
     inv.set_option("plugins", f"{plugins}:{plugin}" if plugins else str(plugin))
+    # fast_ino=1 (unless the caller chose): fuse-overlayfs then keys its nodes by (d_ino, 0)
+    # from readdir in every layer instead of opening each entry to read origin xattrs.
+    # crfs inode numbers are LAYER << 40 | INO with a layer number >= 1 never reused
+    # (layerkeys.compose_ino), store trees add bit 63, and the upper dir and podman's plain
+    # lowers (one local filesystem) stay below 2**40: no two layers share a key. The cost:
+    # a copied-up file's inode number no longer follows its lower's across remounts (the
+    # origin xattr is not read), as with fast_ino on any lowers. See PERFORMANCE-NOTES.md.
+    if inv.option("fast_ino") is None:
+        inv.set_option("fast_ino", "1")
     return Rewrite(inv.argv(), sum(1 for key in keys if key), "")
 
 

@@ -1794,9 +1794,53 @@ dir_stream (int fd)
   return dp;
 }
 
+/* Unlinks and returns the listing stream of DIRP, if it is one. cache_lock held. */
+static struct listing_stream *
+take_stream (DIR *dirp)
+{
+  struct listing_stream **it;
+
+  for (it = &state.streams; *it; it = &(*it)->next)
+    if ((*it)->dir == dirp)
+      {
+        struct listing_stream *s = *it;
+        *it = s->next;
+        return s;
+      }
+  return NULL;
+}
+
+static void
+free_stream (struct listing_stream *s)
+{
+  free (s->path);
+  free (s);
+}
+
+/* A stream entry for DIRP, if any, is stale: DIRP was just allocated, so that stream's
+ * DIR was freed by libc closedir (create_missing_whiteouts) and its address reused.
+ * Its DIR is not ours to close any more. cache_lock held. */
+static void
+forget_stale_stream_locked (DIR *dirp)
+{
+  struct listing_stream *s = take_stream (dirp);
+
+  if (s)
+    free_stream (s);
+}
+
+static void
+forget_stale_stream (DIR *dirp)
+{
+  pthread_mutex_lock (&state.cache_lock);
+  forget_stale_stream_locked (dirp);
+  pthread_mutex_unlock (&state.cache_lock);
+}
+
 /* A new fd of a directory that no longer exists (made in our private runtime directory
- * and removed at once): fdopendir accepts it (O_PATH fds are refused by newer glibc) and
- * the kernel fails getdents on it with ENOENT, so it never lists anything. cache_lock held. */
+ * and removed at once): fdopendir accepts it (newer glibc refuses O_PATH fds) and getdents
+ * on it fails with ENOENT, which glibc reports as the end: it never lists anything, and
+ * it costs no request on the worker's view. cache_lock held. */
 static int
 dead_dir_fd (void)
 {
@@ -1826,11 +1870,9 @@ dead_dir_fd (void)
   return fcntl (state.dead_dir, F_DUPFD_CLOEXEC, 0);
 }
 
-/* load_dir's stream of NORM (a directory of this layer, just probed): a real DIR *, but
- * on a removed directory, which costs no request on the worker's view; its entries come
- * from the cached listing through crfs_readdir. libc readdir on it fails with ENOENT:
- * it can never list anything wrong. NULL with errno EAGAIN: use the view instead.
- * Called with cache_lock held. */
+/* load_dir's stream of NORM (a directory of this layer, just probed): a real DIR * on a
+ * removed directory; its entries come from the cached listing through crfs_readdir.
+ * NULL with errno EAGAIN: use the view instead. Called with cache_lock held. */
 static DIR *
 listing_opendir (struct ovl_layer *l, const char *norm)
 {
@@ -1861,6 +1903,7 @@ listing_opendir (struct ovl_layer *l, const char *norm)
       return NULL;
     }
   s->cl = cl;
+  forget_stale_stream_locked (s->dir);
   s->next = state.streams;
   state.streams = s;
   return s->dir;
@@ -1868,10 +1911,14 @@ listing_opendir (struct ovl_layer *l, const char *norm)
 
 /* Every DIR * is real: fuse-overlayfs lists with ds->readdir in load_dir, but when a
  * directory is renamed over a whiteout (create_missing_whiteouts) it calls libc
- * readdir/closedir on what ds->opendir returned. load_dir alone probes the directory
- * with statat(STATX_TYPE) immediately before opendir (fuse-overlayfs 1.10 to 1.16 hold
- * one lock around all ds calls, so nothing comes between): only then is the stream
- * served from the listing. Any other opendir gets a stream of the worker's view. */
+ * readdir/closedir on what ds->opendir returned, and that stream must list the layer.
+ * In fuse-overlayfs 1.10 to 1.16 the only statat with mask STATX_TYPE alone of a
+ * directory in a lower layer is load_dir's probe, and load_dir calls opendir on the same
+ * layer and path right after it; all ds calls run under one lock, so nothing comes
+ * between. create_missing_whiteouts opens after other calls (its reload_dir ends with
+ * getxattr or closedir). So only an opendir that follows that probe immediately is
+ * served from the listing (saving the view an opendir, two readdirs and a releasedir per
+ * directory); any other gets a stream of the worker's view. */
 static void *
 crfs_opendir (struct ovl_layer *l, const char *path)
 {
@@ -1898,23 +1945,10 @@ crfs_opendir (struct ovl_layer *l, const char *path)
   trace ("opendir(%s) fd %d", path, fd);
   if (fd < 0)
     return NULL;
-  return dir_stream (fd);
-}
-
-/* Unlinks and returns the listing stream of DIRP, if it is one. cache_lock held. */
-static struct listing_stream *
-take_stream (DIR *dirp)
-{
-  struct listing_stream **it;
-
-  for (it = &state.streams; *it; it = &(*it)->next)
-    if ((*it)->dir == dirp)
-      {
-        struct listing_stream *s = *it;
-        *it = s->next;
-        return s;
-      }
-  return NULL;
+  dp = dir_stream (fd);
+  if (dp != NULL)
+    forget_stale_stream (dp);
+  return dp;
 }
 
 static struct listing_stream *
@@ -1981,13 +2015,6 @@ crfs_readdir (void *dirp)
   return dent;
 }
 
-static void
-free_stream (struct listing_stream *s)
-{
-  free (s->path);
-  free (s);
-}
-
 static int
 crfs_closedir (void *dirp)
 {
@@ -2029,32 +2056,35 @@ drop_streams (struct crfs_layer *cl)
  * origin; and ovl_copy_file_range, which replies our errno to the kernel, and the
  * kernel answers ENOSYS by copying through ordinary reads instead. So for an entry
  * without origin attributes, failing such an open with ENOSYS is exact for both, and
- * spares the worker's view an open, two getxattr and a release per entry. */
+ * spares the worker's view an open, two getxattr and a release per entry (an entry the
+ * listing does not have fails with ENOENT, as the open would). */
 #define LOOKUP_OPEN_FLAGS (O_RDONLY | O_NONBLOCK | O_NOFOLLOW)
 #define LOOKUP_OPEN_MODE 0755
 
-/* True only for an entry of this layer known to carry no origin attribute; anything
- * else (absent, a bad path, a worker that cannot answer) takes the ordinary open. */
-static bool
-is_origin_xattr_free (struct ovl_layer *l, const char *path)
+/* For a lookup open of PATH: 1 when the entry is known to carry no origin attribute,
+ * -1 with errno ENOENT/ENOTDIR when this layer's listing says it is absent, 0 otherwise
+ * (an origin attribute, a bad path, a worker that cannot answer: the ordinary open). */
+static int
+lookup_open_answer (struct ovl_layer *l, const char *path)
 {
   char norm[PATH_MAX];
   const struct cached_entry *e;
-  bool free_of_origin = false;
-  int saved = errno;
+  int answer = 0, err = 0;
 
   if (normalize_path (path, norm, sizeof (norm)) < 0)
-    {
-      errno = saved;
-      return false;
-    }
+    return 0;
   pthread_mutex_lock (&state.cache_lock);
   e = find_entry (layer_of (l), norm);
   if (e != NULL)
-    free_of_origin = ! has_xattr (e, "trusted.overlay.origin") && ! has_xattr (e, "user.fuseoverlayfs.origin");
+    answer = ! has_xattr (e, "trusted.overlay.origin") && ! has_xattr (e, "user.fuseoverlayfs.origin");
+  else if (errno == ENOENT || errno == ENOTDIR)
+    {
+      answer = -1;
+      err = errno;
+    }
   pthread_mutex_unlock (&state.cache_lock);
-  errno = saved;
-  return free_of_origin;
+  errno = err;
+  return answer;
 }
 
 static int
@@ -2069,11 +2099,17 @@ crfs_openat (struct ovl_layer *l, const char *path, int flags, mode_t mode)
       errno = EROFS;
       return -1;
     }
-  if (flags == LOOKUP_OPEN_FLAGS && mode == LOOKUP_OPEN_MODE && is_origin_xattr_free (l, path))
+  if (flags == LOOKUP_OPEN_FLAGS && mode == LOOKUP_OPEN_MODE)
     {
-      trace ("openat(%s, 0%o, 0%o) = -1 lookup open answered without an fd", path, flags, mode);
-      errno = ENOSYS;
-      return -1;
+      int answer = lookup_open_answer (l, path);
+      if (answer != 0)
+        {
+          if (answer > 0)
+            errno = ENOSYS;
+          trace ("openat(%s, 0%o, 0%o) = -1 errno %d lookup open answered without an fd", path, flags, mode,
+                 errno);
+          return -1;
+        }
     }
   fd = open_fd (l, path, flags);
   trace ("openat(%s, 0%o, 0%o) = %d errno %d", path, flags, mode, fd, fd < 0 ? errno : 0);

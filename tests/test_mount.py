@@ -71,12 +71,28 @@ def target(tmp_path: Path) -> Iterator[Path]:
 # ------------------------------------------------------------------ crfs mount
 
 
+def mount_options_of(target: Path) -> list[bytes]:
+    """The -o values of the running processes whose command line names TARGET."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if os.fsencode(str(target)) in args and b"-o" in args[:-1]:
+            found.append(args[args.index(b"-o") + 1])
+    return found
+
+
 def test_mount_shows_the_merged_image_read_only(crfs_env: dict[str, str], image_ref: tuple, target: Path) -> None:
     esgz, _, image = image_ref
     result = crfs(crfs_env, "mount", esgz, str(target))
     assert result.returncode == 0, result.stderr
     assert "mounted read-only" in result.stdout
     assert mount_type(target) == "fuse.fuse-overlayfs"
+    # fuse-overlayfs runs with fast_ino=1 (crfs inode numbers are unique across layers).
+    options = mount_options_of(target)
+    assert options and all(b"fast_ino=1" in o.split(b",") for o in options), options
     expected = expected_merged(image)  # type: ignore[arg-type]
     got = snapshot(target, keep=())
     assert sorted(got) == sorted(expected)
@@ -179,6 +195,11 @@ def test_wrapper_reads_store_layers_through_crfs_so(store_worker: StoreWorker, i
     assert inv.option("plugins") == str(plugin)
     assert 'context="system_u:object_r:container_file_t:s0:c1,c2"' in inv.options
     assert inv.others == ["/merged"] and "volatile" in inv.options and "" in inv.options
+    # fast_ino=1 is added (inode numbers of crfs layers are unique across layers), unless
+    # the caller chose a value.
+    assert inv.option("fast_ino") == "1"
+    chosen = rewrite([argv[0], argv[1] + ",fast_ino=0", argv[2]], str(program), plugin)
+    assert Invocation.parse(chosen.argv).option("fast_ino") == "0"
     # The KEY is one the worker knows: crfs.so finds the layer by it.
     key = new_lowers[0][len("//crfs/"):-2]
     assert (store_worker.runtime / "keys" / f"{key}.json").exists()

@@ -59,6 +59,7 @@ int plugin_version(void);
 const char *plugin_name(void);
 struct data_source *plugin_load(const char *opaque, const char *path);
 int plugin_release(void);
+struct dirent *readdir(void *dirp);   /* libc's, through dlopen(None) */
 """
 AT_SYMLINK_NOFOLLOW = 0x100
 STATX_BASIC = 0x7FF
@@ -281,6 +282,54 @@ def test_readdir_gives_a_real_dir_stream(plugin: LoadedPlugin, plugin_session: P
     assert plugin.ds.opendir(base, b"nope") == plugin.ffi.NULL and plugin.ffi.errno == errno.ENOENT
 
 
+def test_load_dirs_listing_comes_from_the_cache(plugin: LoadedPlugin) -> None:
+    top, middle, base = plugin.layers
+    st = plugin.ffi.new("struct stat *")
+    # fuse-overlayfs' load_dir probes with statat(STATX_TYPE) right before opendir: that
+    # stream is answered from the cached listing, same names, types and inode numbers.
+    want = plugin.listdir(middle, "etc")
+    assert plugin.ds.statat(middle, b"etc", st, AT_SYMLINK_NOFOLLOW, 0x1) == 0
+    dirp = plugin.ds.opendir(middle, b"etc")
+    assert dirp != plugin.ffi.NULL
+    names = {}
+    while True:
+        plugin.ffi.errno = 0
+        dent = plugin.ds.readdir(dirp)
+        if dent == plugin.ffi.NULL:
+            assert plugin.ffi.errno == 0
+            break
+        names[plugin.ffi.string(dent.d_name).decode()] = (dent.d_type, dent.d_ino)
+    assert names == {name: v for name, v in want.items() if name not in (".", "..")}
+    # It is still a real DIR *, but on a removed directory: libc readdir lists nothing.
+    libc = plugin.ffi.dlopen(None)
+    assert libc.readdir(dirp) == plugin.ffi.NULL
+    assert plugin.ds.closedir(dirp) == 0
+    # Another call in between: a stream of the view, which libc readdir can read.
+    assert plugin.ds.statat(middle, b"etc", st, AT_SYMLINK_NOFOLLOW, 0x1) == 0
+    assert plugin.ds.file_exists(middle, b"etc/.wh.x") == -1
+    dirp = plugin.ds.opendir(middle, b"etc")
+    listed = set()
+    while (dent := libc.readdir(dirp)) != plugin.ffi.NULL:
+        listed.add(plugin.ffi.string(dent.d_name).decode())
+    assert listed - {".", ".."} == set(names)
+    assert plugin.ds.closedir(dirp) == 0
+
+
+def test_lookup_opens_are_answered_without_an_fd(plugin: LoadedPlugin, plugin_session: PluginSession) -> None:
+    base = plugin.layers[2]
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
+    # fuse-overlayfs' lookup open (flags and mode exactly these) only reads origin xattrs
+    # from the fd and takes statat's answer when it fails.
+    for path, err in (("etc/passwd", errno.ENOSYS), ("data/big.bin", errno.ENOSYS), ("etc", errno.ENOSYS),
+                      ("nope", errno.ENOENT), ("etc/passwd/x", errno.ENOTDIR)):
+        assert plugin.ds.openat(base, path.encode(), flags, 0o755) == -1, path
+        assert plugin.ffi.errno == err, path
+    # Any other mode or flags is an open as before.
+    fd = plugin.ds.openat(base, b"etc/passwd", flags, 0o700)
+    assert fd >= 0 and os.read(fd, 5) == b"root:"
+    os.close(fd)
+
+
 def test_xattrs_follow_lgetxattr_semantics(plugin: LoadedPlugin) -> None:
     base = plugin.layers[2]
     assert plugin.getxattr(base, "etc/xattr-file", "user.crfs.test", 0) == (5, b"")
@@ -495,6 +544,20 @@ int main (int argc, char **argv)
     while (ds->readdir (d)) entries++;
     CHECK (entries >= 4);
     CHECK (ds->closedir (d) == 0);
+    /* load_dir's pattern: a STATX_TYPE probe, then the listing stream (one left open:
+       cleanup and release must free it). */
+    CHECK (ds->statat (base, "usr/bin", &st, 0x100, 0x1) == 0);
+    d = ds->opendir (base, "usr/bin");
+    CHECK (d);
+    for (entries = 0; ds->readdir (d); entries++)
+      ;
+    CHECK (entries >= 4);
+    CHECK (ds->closedir (d) == 0);
+    CHECK (ds->statat (base, "etc", &st, 0x100, 0x1) == 0);
+    if (round == 2)
+      CHECK (ds->opendir (base, "etc") != NULL);
+    CHECK (ds->openat (base, "etc/passwd", O_RDONLY | O_NONBLOCK | O_NOFOLLOW, 0755) == -1);
+    CHECK (ds->openat (base, "etc/nope", O_RDONLY | O_NONBLOCK | O_NOFOLLOW, 0755) == -1);
     int fd = ds->openat (base, "data/small.txt", O_RDONLY | O_NOFOLLOW | O_CLOEXEC, 0700);
     CHECK (fd >= 0 && read (fd, buf, 10) == 10);
     close (fd);

@@ -1,0 +1,128 @@
+"""crfs.so under a metadata walk (B3's `find -exec stat`) in a real fuse-overlayfs mount.
+
+What the plugin must not do on a walk, counted from its own trace (CRFS_PLUGIN_LOG): open
+entries on the worker's FUSE view for lookups (fuse-overlayfs only reads origin xattrs
+from such an fd), or open directories there to list them (load_dir's listings come
+from the plugin's cached `list` replies). And what fast_ino=1 (which crfs's mount program
+and `crfs mount` add) must keep: inode numbers unique across crfs layers, a plain lower
+and the upper dir, hardlinks still merged.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from crfs_worker.layerkeys import INO_BITS
+from tests.support.plugin_env import PluginSession
+from tests.test_overlay_mount import (FUSE_OVERLAYFS, Mounted, hardlink_groups, layer_stats,  # noqa: F401
+                                      mount_overlay, snapshot)
+
+pytestmark = pytest.mark.skipif(not Path(FUSE_OVERLAYFS).exists(), reason="fuse-overlayfs is not installed")
+
+
+def walk(root: Path) -> dict[str, os.stat_result]:
+    """find + lstat of every entry, by path."""
+    seen: dict[str, os.stat_result] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            seen[str(path.relative_to(root))] = os.lstat(path)
+    return seen
+
+
+def traced(log: Path, prefix: str) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.parametrize("options", ["", "fast_ino=1"])
+def test_a_walk_reaches_no_view_and_fetches_nothing(mount_overlay: Callable[..., Mounted], plugin_env: PluginSession,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    options: str) -> None:
+    log = tmp_path / "plugin.log"
+    monkeypatch.setenv("CRFS_PLUGIN_LOG", str(log))
+    m = mount_overlay(options=options)
+    before = layer_stats(plugin_env)  # the mount started the worker
+    entries = walk(m.merged)
+    assert len(entries) == len(snapshot(plugin_env.image.expected))
+    listed = traced(log, "opendir(")
+    # Every directory fuse-overlayfs listed came from the cached listing; none was opened
+    # on the view (that costs an opendir, readdirs and a releasedir on the worker).
+    assert listed and all("from the listing" in line and "(nil)" not in line for line in listed), listed
+    # Lookup opens (fuse-overlayfs reads origin xattrs from them) are answered without an
+    # fd; fast_ino=1 makes none at all.
+    opens = traced(log, "openat(")
+    assert all("answered without an fd" in line for line in opens), opens
+    if options:
+        assert opens == []
+    else:
+        assert len(opens) >= sum(1 for st in entries.values() if not stat.S_ISDIR(st.st_mode))
+    after = layer_stats(plugin_env)
+    assert {num: row["requests"] for num, row in after.items() if num in before} == \
+        {num: row["requests"] for num, row in before.items()}
+
+
+def test_fast_ino_keeps_inode_numbers_unique_across_layers(mount_overlay: Callable[..., Mounted],
+                                                           plugin_env: PluginSession, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    (plain / "etc").mkdir(parents=True)
+    (plain / "etc" / "plain-file").write_text("plain\n")
+    (plain / "plain-dir").mkdir()
+    (plain / "plain-dir" / "a").write_text("a\n")
+    os.link(plain / "plain-dir" / "a", plain / "plain-dir" / "a-hard")
+    lowers = f"//crfs/{plugin_env.key}//:{plain}"
+    reference = mount_overlay(lowerdir=lowers, name="default")
+    fast = mount_overlay(lowerdir=lowers, options="fast_ino=1", name="fast")
+    for m in (reference, fast):
+        (m.merged / "upper-file").write_text("upper\n")
+        (m.merged / "etc" / "hostname-copy").write_text("copy\n")
+    # Nothing vanished (a directory whose key collides is dropped) and nothing merged wrongly
+    # (the files written here differ only in their mtime).
+    upper_only = {"upper-file", "etc/hostname-copy"}
+    trees = [snapshot(m.merged) for m in (fast, reference)]
+    for tree in trees:
+        for path in upper_only:
+            del tree[path]["mtime"]
+    assert trees[0] == trees[1]
+    assert hardlink_groups(fast.merged) == hardlink_groups(reference.merged)
+    assert frozenset({"plain-dir/a", "plain-dir/a-hard"}) in hardlink_groups(fast.merged)
+    assert frozenset({"usr/bin/tool", "usr/bin/tool-hard"}) in hardlink_groups(fast.merged)
+    entries = walk(fast.merged)
+    by_ino: dict[int, set[str]] = {}
+    for path, st in entries.items():
+        by_ino.setdefault(st.st_ino, set()).add(path)
+    shared = {frozenset(paths) for paths in by_ino.values() if len(paths) > 1}
+    assert shared <= hardlink_groups(fast.merged)
+    # crfs entries carry their layer number in the high bits; the plain lower's and the
+    # upper dir's come from a local filesystem, far below.
+    crfs_paths = set(snapshot(plugin_env.image.expected))
+    plain_only = {"etc/plain-file", "plain-dir", "plain-dir/a", "plain-dir/a-hard"}
+    for path in crfs_paths - {"etc"}:
+        assert entries[path].st_ino >> INO_BITS >= 1, path
+    for path in plain_only | upper_only:
+        assert entries[path].st_ino >> INO_BITS == 0, path
+
+
+@pytest.mark.parametrize("options", ["", "fast_ino=1"])
+def test_copy_file_range_from_a_lower_file_copies_its_bytes(mount_overlay: Callable[..., Mounted],
+                                                            plugin_env: PluginSession, options: str) -> None:
+    # fuse-overlayfs opens the source of copy_file_range with the flags and mode of its
+    # lookup opens, which crfs.so answers without an fd (ENOSYS): the kernel must then copy
+    # through ordinary reads, never leave a short or empty file.
+    m = mount_overlay(options=options)
+    want = plugin_env.image.big_bytes
+    src = os.open(m.merged / "data/big.bin", os.O_RDONLY)
+    dst = os.open(m.merged / "big-copy.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        copied = 0
+        while copied < len(want):
+            n = os.copy_file_range(src, dst, len(want) - copied)
+            assert n > 0, f"copy_file_range stopped at {copied} of {len(want)} bytes"
+            copied += n
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (m.merged / "big-copy.bin").read_bytes() == want
