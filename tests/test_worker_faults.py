@@ -177,7 +177,9 @@ def test_hung_registry_fails_unfetched_reads_within_the_deadline(image: Prefetch
     """A registry that accepts connections but never answers (SIGSTOP): fetched files keep
     working, unfetched reads end in EIO (the fetch deadline bounds every try), and once it
     answers again the same mount reads them."""
-    worker = crfs("--no-background-fetch", CRFS_FETCH_DEADLINE="3", CRFS_FETCH_ATTEMPTS="2")
+    # No neighbours fetched along (CRFS_FETCH_COALESCE=0): f33 must stay unfetched here.
+    worker = crfs("--no-background-fetch", CRFS_FETCH_DEADLINE="3", CRFS_FETCH_ATTEMPTS="2",
+                  CRFS_FETCH_COALESCE="0")
     merged = worker.mount()
     assert (merged / "data/many/f03.txt").read_bytes() == BASE_FILES["data/many/f03.txt"]
     image.registry.process.pause()
