@@ -137,6 +137,9 @@ class AheadPolicy:
     parallel: int = 4
     request_limit: int = 4 << 20    # compressed bytes per read-ahead request
     sequential_run: int = 4 << 20  # bytes read back to back before reading ahead
+    # A read within this much of the current run continues it: the kernel's readahead has
+    # several reads in flight, and the view's threads may see them out of order.
+    sequential_slack: int = 512 << 10
     tracked_files: int = 256        # files whose last read is remembered
 
 
@@ -218,8 +221,8 @@ class _MemoryCache:
 
 @dataclass
 class _ReadState:
-    """The reads of one file: where the current run of back-to-back reads began and
-    ended, and after which chunk the read-ahead was last planned (-1: not yet)."""
+    """The reads of one file: the range the current run of (nearly) back-to-back reads
+    covers, and after which chunk the read-ahead was last planned (-1: not yet)."""
 
     start: int
     end: int
@@ -443,9 +446,11 @@ class ChunkFetcher:
             if self._closed:
                 return False
             state = self._reads.pop(key, None)
-            if state is None or offset != state.end:
+            slack = self.policy.sequential_slack
+            if state is None or not state.start - slack <= offset <= state.end + slack:
                 state = _ReadState(offset, offset)
-            state.end = offset + size
+            state.start = min(state.start, offset)
+            state.end = max(state.end, offset + size)
             go = state.end - state.start >= self.policy.sequential_run and state.planned != last.offset
             if go:
                 state.planned = last.offset

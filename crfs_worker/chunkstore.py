@@ -147,6 +147,8 @@ class ChunkStore:
     _total: int = field(default=0, init=False)
     _pins: dict[bytes, int] = field(default_factory=dict, init=False, repr=False)
     _fanout_ready: set[str] = field(default_factory=set, init=False, repr=False)
+    _chunks_dir: str = field(default="", init=False, repr=False)  # ROOT/sha256, as a string
+    _tmp_dir: str = field(default="", init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # Counted for the log and tests: files found altered on disk and removed.
     discarded: int = field(default=0, init=False)
@@ -155,6 +157,8 @@ class ChunkStore:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self._chunks_dir = str(self.root / "sha256")
+        self._tmp_dir = str(self.root / "tmp")
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / "sha256")
         ensure_private_dir(self.root / "tmp")
@@ -168,15 +172,19 @@ class ChunkStore:
             return self._total
 
     def path_for(self, digest: bytes) -> Path:
+        return Path(self._file(digest))
+
+    def _file(self, digest: bytes) -> str:
+        """path_for as a string: every read asks, and pathlib costs more than the read."""
         hexdigest = _check_digest(digest).hex()
-        return self.root / "sha256" / hexdigest[:2] / hexdigest
+        return f"{self._chunks_dir}/{hexdigest[:2]}/{hexdigest}"
 
     # ---------------------------------------------------------------- reading
 
     def has(self, digest: bytes, size: int) -> bool:
         """Cheap: a file of the right size, owner and mode is there (its bytes unchecked)."""
         try:
-            st = os.lstat(self.path_for(digest))
+            st = os.lstat(self._file(digest))
         except FileNotFoundError:
             return False
         return is_private_file(st, size)
@@ -184,7 +192,7 @@ class ChunkStore:
     def open(self, digest: bytes, size: int) -> int | None:
         """A read-only fd on the chunk's verified bytes, or None if they are not stored
         (a file that fails its check is removed). The caller owns the fd."""
-        path = self.path_for(digest)
+        path = self._file(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -273,9 +281,9 @@ class ChunkStore:
                         del self._pins[digest]
 
     def _write(self, digest: bytes, data: bytes) -> None:
-        final = self.path_for(digest)
-        self._ensure_fanout(final.parent)
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="chunk-")  # created 0600
+        final = self._file(digest)
+        self._ensure_fanout(Path(final).parent)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp_dir, prefix="chunk-")  # created 0600
         try:
             view = memoryview(data)
             while view:

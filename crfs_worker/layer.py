@@ -20,6 +20,7 @@ served (`decode_chunk` of their single whole-file chunk), others are served as t
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import gc
 import hashlib
@@ -31,6 +32,7 @@ import stat as st
 import tempfile
 import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -54,6 +56,8 @@ __all__ = ["Chunk", "EntryStat", "Layer", "LayerSource"]
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 COALESCE_GAP = 0  # merge only touching or overlapping compressed ranges
 NEIGHBOUR_GAP = 64 << 10  # neighbouring chunks: tar headers (and little else) lie between
+CACHED_FILES = 64            # files whose chunk rows a layer keeps for its readers
+CACHED_ROWS_PER_FILE = 4096  # larger files are asked of the index at each read
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,16 @@ class LayerSource:
     toc_digest: str | None                 # eStargz toc.digest, or zstd:chunked manifest-checksum
     annotations: Mapping[str, str] = field(default_factory=dict)
     allow_unverified: bool = False
+
+
+@dataclass(frozen=True)
+class _FileRows:
+    """A regular file as its reads need it; `rows` None: too many to keep (asked each time)."""
+
+    ino: int
+    stat: EntryStat
+    rows: list[ChunkRow] | None
+    offsets: list[int]  # each row's file offset, for bisect
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,7 @@ class Layer:
         self.allow_unverified = source.allow_unverified
         self.limits = limits or TocLimits()
         self._lock = threading.RLock()
+        self._files: OrderedDict[str, _FileRows] = OrderedDict()
 
     # ------------------------------------------------------------------ opening
 
@@ -331,16 +346,17 @@ class Layer:
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative offset or size", path)
         norm = self._norm(path)
-        ino, s = self._lookup(norm)
-        if st.S_ISDIR(s.mode):
-            raise IsADirectoryError(errno.EISDIR, f"{self.name}: is a directory", path)
-        if not st.S_ISREG(s.mode):
-            raise OSError(errno.EINVAL, f"{self.name}: not a regular file", path)
+        file = self._reading(norm, path)
+        ino, s = file.ino, file.stat
         end = min(s.size, offset + size)
         if offset >= end:
             return []
         with self._lock:
-            rows = self.index.chunks(ino, offset, end)
+            if file.rows is None:
+                rows = self.index.chunks(ino, offset, end)
+            else:  # the rows that overlap [offset, end), as Index.chunks selects them
+                first = max(bisect.bisect_right(file.offsets, offset) - 1, 0)
+                rows = file.rows[first:bisect.bisect_left(file.offsets, end)]
             if any(r.digest is None and not r.zeros for r in rows):
                 fdigest = self.index.file_digest(ino)
                 if fdigest is not None:
@@ -358,6 +374,32 @@ class Layer:
                         f"{self.name}: {norm}: file data carries no digest to verify it against")
         return [Chunk(norm, ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
                 for r in rows]
+
+    def _reading(self, norm: str, path: str) -> _FileRows:
+        """The regular file's inode, stat and chunk rows, from a small cache: a reader asks
+        for the same file thousands of times (the kernel reads 128 KiB at a time)."""
+        with self._lock:
+            file = self._files.get(norm)
+            if file is not None:
+                self._files.move_to_end(norm)
+                return file
+        ino, s = self._lookup(norm)
+        if st.S_ISDIR(s.mode):
+            raise IsADirectoryError(errno.EISDIR, f"{self.name}: is a directory", path)
+        if not st.S_ISREG(s.mode):
+            raise OSError(errno.EINVAL, f"{self.name}: not a regular file", path)
+        with self._lock:
+            rows = self.index.chunks(ino) if s.size and self._few_chunks(ino) else None
+            file = _FileRows(ino, s, rows, [r.foff for r in rows] if rows is not None else [])
+            self._files[norm] = file
+            while len(self._files) > CACHED_FILES:
+                self._files.popitem(last=False)
+        return file
+
+    def _few_chunks(self, ino: int) -> bool:
+        """Whether a file's chunk rows are few enough to keep in memory."""
+        row = self.index._one("SELECT count(*) FROM chunk WHERE ino = ?", (ino,))
+        return row is None or row[0] <= CACHED_ROWS_PER_FILE
 
     def chunks_after(self, chunk: Chunk, end: int, gap: int = NEIGHBOUR_GAP) -> list[Chunk]:
         """The digested chunks that follow `chunk` in the blob and end by blob offset `end`:

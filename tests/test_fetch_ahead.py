@@ -177,7 +177,7 @@ def test_neighbours_are_fetched_once_when_readers_race(tmp_path: Path, blob: blo
 
 
 AHEAD = AheadPolicy(coalesce=0, read_ahead=256 << 10, parallel=3, request_limit=128 << 10,
-                    sequential_run=128 << 10)
+                    sequential_run=128 << 10, sequential_slack=16 << 10)
 
 
 def test_a_sequential_reader_has_the_next_chunks_fetched_ahead(tmp_path: Path, blob: blobgen.Blob) -> None:
