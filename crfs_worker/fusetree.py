@@ -16,7 +16,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
-ATTR_TIMEOUT = 3600.0  # layers never change: let the kernel keep what it learned
+# Layers never change: let the kernel keep what it learned. A shorter time only makes it
+# ask again, entry by entry, under a long-running container.
+ATTR_TIMEOUT = 365 * 86400.0
 
 
 def fs_error(code: int, what: str) -> OSError:
