@@ -1912,11 +1912,12 @@ listing_opendir (struct ovl_layer *l, const char *norm)
 /* Every DIR * is real: fuse-overlayfs lists with ds->readdir in load_dir, but when a
  * directory is renamed over a whiteout (create_missing_whiteouts) it calls libc
  * readdir/closedir on what ds->opendir returned, and that stream must list the layer.
- * In fuse-overlayfs 1.10 to 1.16 the only statat with mask STATX_TYPE alone of a
- * directory in a lower layer is load_dir's probe, and load_dir calls opendir on the same
- * layer and path right after it; all ds calls run under one lock, so nothing comes
- * between. create_missing_whiteouts opens after other calls (its reload_dir ends with
- * getxattr or closedir). So only an opendir that follows that probe immediately is
+ * In fuse-overlayfs 1.10 to 1.16 load_dir probes a directory with statat, mask
+ * STATX_TYPE alone, and calls opendir on the same layer and path right after it; all ds
+ * calls run under one lock, so nothing comes between. No other opendir follows such a
+ * statat directly (load_dir's other STATX_TYPE statat, of a child of unknown type, is
+ * followed by readdir or openat; create_missing_whiteouts opens after reload_dir, which
+ * ends with getxattr or closedir). So only an opendir that follows that probe at once is
  * served from the listing (saving the view an opendir, two readdirs and a releasedir per
  * directory); any other gets a stream of the worker's view. */
 static void *
