@@ -395,7 +395,8 @@ class ChunkFetcher:
             return span
         last = max(fetched, key=lambda c: c.cend)
         try:
-            after = target.following(last, span.start + limit)
+            # Within the blob: a TOC is untrusted, and a bad neighbour must not fail the asker.
+            after = target.following(last, min(span.start + limit, target.blob.size))
         except (CrfsError, OSError) as exc:  # the asked-for chunks do not depend on this
             log.warning("%s: %s: no neighbours fetched: %s", target.blob.name, last.path, exc)
             return span
@@ -425,7 +426,7 @@ class ChunkFetcher:
         if not self._sequential(target, last, offset, size):
             return
         try:
-            after = target.following(last, last.cend + self.policy.read_ahead)
+            after = target.following(last, min(last.cend + self.policy.read_ahead, target.blob.size))
         except (CrfsError, OSError) as exc:
             log.warning("%s: %s: no read-ahead: %s", target.blob.name, last.path, exc)
             return
