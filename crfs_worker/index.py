@@ -59,6 +59,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -81,6 +82,8 @@ _TYPE_BITS = {
     "fifo": st.S_IFIFO,
 }
 
+_TYPE_NAMES = {bits: name for name, bits in _TYPE_BITS.items() if bits}
+
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 
@@ -88,11 +91,12 @@ _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE node(
     seq INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
-    mode INTEGER NOT NULL, nlink INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, rdev_major INTEGER NOT NULL,
-    rdev_minor INTEGER NOT NULL, link TEXT, digest BLOB,
-    cstart INTEGER, cend INTEGER, inner INTEGER, cdigest BLOB, zeros INTEGER);
-CREATE UNIQUE INDEX node_name ON node(parent, name);
+    mode INTEGER NOT NULL, nlink INTEGER NOT NULL DEFAULT 1, uid INTEGER NOT NULL DEFAULT 0,
+    gid INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0, rdev_major INTEGER NOT NULL DEFAULT 0,
+    rdev_minor INTEGER NOT NULL DEFAULT 0, link TEXT, digest BLOB,
+    cstart INTEGER NOT NULL DEFAULT 0, cend INTEGER NOT NULL DEFAULT 0,
+    inner INTEGER NOT NULL DEFAULT 0, cdigest BLOB, zeros INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE chunk(ino INTEGER NOT NULL, foff INTEGER NOT NULL, size INTEGER NOT NULL,
     cstart INTEGER NOT NULL, cend INTEGER NOT NULL, inner INTEGER NOT NULL, digest BLOB,
     zeros INTEGER NOT NULL, PRIMARY KEY(ino, foff)) WITHOUT ROWID;
@@ -100,13 +104,14 @@ CREATE TABLE xattr(ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL
     PRIMARY KEY(ino, name)) WITHOUT ROWID;
 """
 
-# Python's sqlite3 binds None and bytes through its (slow) adapter machinery, but int, str
-# and bytearray directly: rows hold 0 / "" / empty bytearray for "none" instead of NULL.
-_NONE = bytearray()
+# The name index is made after the bulk insert (a sort is cheaper than a million B-tree
+# inserts); duplicate names are resolved then. It is not UNIQUE, but the build leaves one
+# live row per (parent, name): the others get parent = -seq.
+_NAME_INDEX = "CREATE INDEX node_name ON node(parent, name)"
 
-# Column positions in a node row.
-_INO, _MODE, _NLINK, _SIZE = 3, 4, 5, 8
-_CSTART, _CEND, _INNER, _CDIGEST, _ZEROS = 14, 15, 16, 17, 18
+# Python's sqlite3 binds None and bytes through its (slow) adapter machinery, but int, str
+# and bytearray directly: rows hold 0 / empty bytearray for "none" instead of NULL.
+_NONE = bytearray()
 
 
 @dataclass(frozen=True)
@@ -135,8 +140,51 @@ class ChunkRow:
     zeros: bool
 
 
-_INSERT_NODE = "INSERT INTO node VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-_INSERT_CHUNK = "INSERT INTO chunk VALUES (?,?,?,?,?,?,?,?)"
+# One statement per kind of node, binding only the columns that kind fills: every value
+# bound costs, and most of the nineteen columns are defaults. (Plain `?`: SQLite looks
+# numbered parameters up in a list, which made a many-row statement quadratic.)
+_NODE = "INSERT INTO node"
+_DIR = ("(seq, parent, name, ino, mode, nlink, uid, gid, mtime_ns)", "(?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_EMPTY = ("(seq, parent, name, ino, mode, uid, gid, mtime_ns, digest)", "(?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_DATA = ("(seq, parent, name, ino, mode, uid, gid, size, mtime_ns, digest, cstart, cend, inner, "
+         "cdigest, zeros)", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SYMLINK = ("(seq, parent, name, ino, mode, uid, gid, size, mtime_ns, link)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_HARDLINK = ("(seq, parent, name, ino, mode)", "(?, ?, ?, 0, 0)")
+_SPECIAL = ("(seq, parent, name, ino, mode, uid, gid, mtime_ns, rdev_major, rdev_minor)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_CHUNK = ("", "(?, ?, ?, ?, ?, ?, ?, ?)")
+# Positions in a data row (_DATA's parameters), the only rows changed after they are made:
+# a file's compressed end is known at the next member, its first chunk may move.
+_D_DIGEST, _D_CSTART, _D_CEND, _D_INNER, _D_CDIGEST, _D_ZEROS = 9, 10, 11, 12, 13, 14
+# Rows per INSERT statement: Python's executemany costs about 1 us per execution whatever
+# it binds, SQLite's own insert a fifth of that; 256 rows of up to 15 values stay far below
+# SQLite's (compile-time) limit of 32766 parameters.
+_ROWS_PER_INSERT = 256
+
+
+class _RowTable:
+    """Rows of one INSERT shape, buffered and written many rows per statement."""
+
+    def __init__(self, head: str, columns: str, values: str) -> None:
+        self.rows: list = []
+        self.width = values.count("?")
+        self.one = f"{head}{columns} VALUES {values}"
+        self.many = f"{head}{columns} VALUES {','.join([values] * _ROWS_PER_INSERT)}"
+
+    def write(self, db: sqlite3.Connection, cut: int) -> None:
+        """Insert the first `cut` rows and drop them from the buffer."""
+        rows = self.rows
+        full = cut - cut % _ROWS_PER_INSERT
+        if full:
+            flat = list(chain.from_iterable(rows[:full]))
+            n = _ROWS_PER_INSERT * self.width
+            db.executemany(self.many, [flat[i:i + n] for i in range(0, len(flat), n)])
+        if cut > full:
+            db.executemany(self.one, rows[full:cut])
+        del rows[:cut]
+
+
 _INSERT_XATTR = "INSERT OR REPLACE INTO xattr VALUES (?,?,?)"
 
 # TOCs with more JSON than this are indexed by a builder process: the index work (Python
@@ -149,41 +197,14 @@ def _open_build_db(path: str, create: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     if create:  # before cache_size: a KiB cache size is turned into pages of the current size
         db.execute("PRAGMA page_size=16384")
-    for pragma in ("journal_mode=MEMORY", "synchronous=OFF", "locking_mode=EXCLUSIVE",
+    # No journal: a failed build is deleted, never rolled back.
+    for pragma in ("journal_mode=OFF", "synchronous=OFF", "locking_mode=EXCLUSIVE",
                    "temp_store=FILE", "cache_size=-32768"):
         db.execute("PRAGMA " + pragma)
     if create:
         db.executescript(_SCHEMA)
     db.execute("BEGIN")
     return db
-
-
-def _insert_nodes(db: sqlite3.Connection, rows: list[list], dropped: dict, name: str) -> int:
-    """Insert rows (in seq order); a name already present is a duplicate: the later wins.
-
-    The earlier row is unlinked (parent = -seq) and remembered in `dropped`. Returns the
-    number of duplicates.
-    """
-    start = 0
-    duplicates = 0
-    while True:
-        try:
-            db.executemany(_INSERT_NODE, rows if start == 0 else rows[start:])
-            return duplicates
-        except sqlite3.IntegrityError:
-            pass
-        # Rows before the failing one went in (each row is its own statement).
-        last = db.execute("SELECT max(seq) FROM node").fetchone()[0] or 0
-        while rows[start][0] <= last:
-            start += 1
-        row = rows[start]
-        old = db.execute("SELECT seq FROM node WHERE parent = ? AND name = ?",
-                         (row[1], row[2])).fetchone()
-        if old is None:  # not a name clash: a real constraint failure
-            raise FormatError(f"{name}: cannot index TOC entry {row[2]!r}")
-        db.execute("UPDATE node SET parent = -seq WHERE seq = ?", (old[0],))
-        dropped.setdefault((row[1], row[2]), []).append(old[0])
-        duplicates += 1
 
 
 class IndexBuilder:
@@ -201,22 +222,32 @@ class IndexBuilder:
         self.payload_end = payload_end
         self.db = _open_build_db(str(self.path), create=True)
         self.seq = ROOT_INO
-        # path -> [ino, mode (perm bits), uid, gid, mtime_ns, subdirs, attributes changed]
-        self.dirs: dict[str, list[int]] = {"": [ROOT_INO, 0o755, 0, 0, 0, 0, 1]}
-        self.rows: list[list] = [[ROOT_INO, 0, "", ROOT_INO, st.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 0, 0,
-                                  "", _NONE, 0, 0, 0, _NONE, 0]]
-        self.chunk_rows: list[list] = []
+        # path -> [ino, mode (perm bits), uid, gid, mtime_ns, subdirs, parent ino]: directory
+        # rows are written at the end, when their attributes and link counts are final.
+        self.dirs: dict[str, list[int]] = {"": [ROOT_INO, 0o755, 0, 0, 0, 0, 0]}
+        # Node rows not yet written, by kind (statement); the lists are emptied in place.
+        self.dir_table = _RowTable(_NODE, *_DIR)
+        self.tables = [_RowTable(_NODE, *kind) for kind in (_EMPTY, _SYMLINK, _HARDLINK, _SPECIAL)]
+        self.data = _RowTable(_NODE, *_DATA)
+        self.chunks = _RowTable("INSERT INTO chunk", *_CHUNK)
+        self.empty_rows, self.symlink_rows, self.hardlink_rows, self.special_rows = (
+            t.rows for t in self.tables)
+        self.data_rows: list[list] = self.data.rows
+        self.chunk_rows: list[list] = self.chunks.rows
         self.xattr_rows: list[tuple] = []
         self.hardlinks: list[tuple[int, str, str]] = []  # (seq, link name, target)
         # Names replaced by a later entry: (parent, name) -> their seqs (rows now parent -seq).
         self.dropped: dict[tuple[int, str], list[int]] = {}
         self.entries = 0
-        # The regular file whose chunks are being read: [node row, name, size, next file
+        self.next_flush = BATCH
+        # The regular file whose chunks are being read: [data row, name, size, next file
         # offset, endOffset, last chunk (row, column), several chunks?, chunkDigest == digest?]
         self.cur: list | None = None
         # Chunks whose compressed end is not known yet: (row, column of cstart).
         self.pending: list[tuple[list, int]] = []
         self.pend_start = -1
+        self.last_parent = ""
+        self.last_pdir = self.dirs[""]
         self.prefetch_offset: int | None = None
         self.no_prefetch = False
 
@@ -246,25 +277,30 @@ class IndexBuilder:
         if typ == "chunk":
             self._chunk(e if type(e) is TocEntry else TocEntry._make(e))
             return
-        if self.cur is not None:
-            self._close_file()
+        cur = self.cur
+        if cur is not None:
+            if cur[3] == cur[2] and not self.zstd_chunked:  # fully covered: nothing to settle
+                self.cur = None
+            else:
+                self._close_file()
         if name == "":  # the root itself: attributes only
             self._dir_again(self.dirs[""], TocEntry._make(e))
             return
         parent, _, base = name.rpartition("/")
         dirs = self.dirs
-        pdir = dirs.get(parent)
-        if pdir is None:
-            pdir = self._mkdirs(parent)
+        # Tar order keeps a directory's entries together: the last parent is the likely one.
+        if parent == self.last_parent:
+            pdir = self.last_pdir
+        else:
+            pdir = dirs.get(parent)
+            if pdir is None:
+                pdir = self._mkdirs(parent)
+            self.last_parent, self.last_pdir = parent, pdir
         pino = pdir[0]
         seq = self.seq + 1
+        # (A non-directory given the name of a directory is refused by _drop_duplicates.)
         if typ == "reg":
-            if name in dirs:
-                raise self._bad(name, "a reg entry replaces a directory")
             self.seq = seq
-            row = [seq, pino, base, seq, 0o100000 | mode, 1, uid, gid, size, mtime, 0, 0, "",
-                   bytearray(digest) if digest else _NONE, 0, 0, 0, _NONE, 0]
-            self.rows.append(row)
             if size:
                 # The file's first (often only) chunk lives in its row.
                 if coff:
@@ -273,18 +309,24 @@ class IndexBuilder:
                     raise self._chunk_too_big(name, inner, csize or size)
                 if offset <= 0:
                     raise self._bad(name, "has file data but no data offset")
+                pending = self.pending
                 if not inner and offset != self.pend_start:
-                    self._member_at(offset, name)
-                row[_CSTART] = offset
-                row[_INNER] = inner
-                if cdigest and cdigest != digest:
-                    row[_CDIGEST] = bytearray(cdigest)
-                if zeros:
-                    row[_ZEROS] = 1
-                slot = (row, _CSTART)
-                self.pending.append(slot)
+                    if pending:
+                        self._member_at(offset, name)
+                        pending = self.pending
+                    self.pend_start = offset
+                row = [seq, pino, base, seq, 0o100000 | mode, uid, gid, size, mtime,
+                       bytearray(digest) if digest else _NONE, offset, 0, inner,
+                       bytearray(cdigest) if cdigest and cdigest != digest else _NONE,
+                       1 if zeros else 0]
+                self.data_rows.append(row)
+                slot = (row, _D_CSTART)
+                pending.append(slot)
                 self.cur = [row, name, size, csize or size, end_offset, slot, False,
                             cdigest is not None and cdigest == digest]
+            else:
+                self.empty_rows.append((seq, pino, base, seq, 0o100000 | mode, uid, gid, mtime,
+                                        bytearray(digest) if digest else _NONE))
             if pino == ROOT_INO:
                 if base == PREFETCH_LANDMARK:
                     self.prefetch_offset = offset
@@ -298,34 +340,29 @@ class IndexBuilder:
             if len(dirs) >= self.limits.max_dirs:
                 raise self._too_many(name, "directories", self.limits.max_dirs)
             self.seq = seq
-            dirs[name] = [seq, mode, uid, gid, mtime, 0, 0]
+            dirs[name] = [seq, mode, uid, gid, mtime, 0, pino]
             pdir[5] += 1
-            self.rows.append([seq, pino, base, seq, 0o40000 | mode, 2, uid, gid, 0, mtime, 0, 0,
-                              "", _NONE, 0, 0, 0, _NONE, 0])
         else:
-            if name in dirs:
-                raise self._bad(name, f"a {typ} entry replaces a directory")
             self.seq = seq
             if typ == "symlink":
-                self.rows.append([seq, pino, base, seq, 0o120000 | mode, 1, uid, gid,
-                                  len(link.encode()), mtime, 0, 0, link, _NONE, 0, 0, 0, _NONE, 0])
+                self.symlink_rows.append((seq, pino, base, seq, 0o120000 | mode, uid, gid,
+                                          len(link.encode()), mtime, link))
             elif typ == "hardlink":
                 if len(self.hardlinks) >= self.limits.max_hardlinks:
                     raise self._too_many(name, "hardlinks", self.limits.max_hardlinks)
                 self.hardlinks.append((seq, name, link))
-                self.rows.append([seq, pino, base, 0, 0, 1, 0, 0, 0, 0, 0, 0, "", _NONE,
-                                  0, 0, 0, _NONE, 0])
-                return
+                self.hardlink_rows.append((seq, pino, base))
+                xattrs = None  # a hardlink has its target's
             else:
-                self.rows.append([seq, pino, base, seq, _TYPE_BITS[typ] | mode, 1, uid, gid, 0,
-                                  mtime, major, minor, "", _NONE, 0, 0, 0, _NONE, 0])
+                self.special_rows.append((seq, pino, base, seq, _TYPE_BITS[typ] | mode, uid, gid, mtime,
+                                          major, minor))
         if xattrs:
             self._xattrs(seq, xattrs)
-        if len(self.rows) >= BATCH:
+        if self.entries >= self.next_flush:
             self._flush()
 
     def _dir_again(self, d: list[int], e: TocEntry) -> None:
-        d[1], d[2], d[3], d[4], d[6] = e.mode, e.uid, e.gid, e.mtime_ns, 1
+        d[1], d[2], d[3], d[4] = e.mode, e.uid, e.gid, e.mtime_ns
         if e.xattrs:
             self._xattrs(d[0], e.xattrs)
 
@@ -339,11 +376,9 @@ class IndexBuilder:
             raise self._too_many(path, "directories", self.limits.max_dirs)
         self.seq += 1
         seq = self.seq
-        d = [seq, 0o755, 0, 0, 0, 0, 0]
+        d = [seq, 0o755, 0, 0, 0, 0, pdir[0]]
         self.dirs[path] = d
         pdir[5] += 1
-        self.rows.append([seq, pdir[0], base, seq, st.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 0, 0,
-                          "", _NONE, 0, 0, 0, _NONE, 0])
         return d
 
     def _xattrs(self, ino: int, xattrs: dict[str, bytes]) -> None:
@@ -383,12 +418,12 @@ class IndexBuilder:
         offset = e.offset
         if offset <= 0:
             raise self._bad(name, "has file data but no data offset")
-        ino = row[_INO]
+        ino = row[0]
         if not cur[6]:  # the second chunk: move the first one out of the node row
-            fd = row[_CDIGEST] or (row[13] if cur[7] else _NONE)
-            first = [ino, 0, foff, row[_CSTART], row[_CEND], row[_INNER], fd, row[_ZEROS]]
-            row[_CSTART] = row[_CEND] = row[_INNER] = row[_ZEROS] = 0
-            row[_CDIGEST] = _NONE
+            fd = row[_D_CDIGEST] or (row[_D_DIGEST] if cur[7] else _NONE)
+            first = [ino, 0, foff, row[_D_CSTART], row[_D_CEND], row[_D_INNER], fd, row[_D_ZEROS]]
+            row[_D_CSTART] = row[_D_CEND] = row[_D_INNER] = row[_D_ZEROS] = 0
+            row[_D_CDIGEST] = _NONE
             self.pending = [(first, 3) if r is row else (r, i) for r, i in self.pending]
             self.chunk_rows.append(first)
             cur[6] = True
@@ -420,32 +455,22 @@ class IndexBuilder:
 
     def _flush(self, final: bool = False) -> None:
         """Write the buffered rows, except those still waiting for a compressed end."""
-        rows = self.rows
-        ncut = len(rows)
-        crows = self.chunk_rows
-        ccut = len(crows)
-        if not final and self.pending:
-            for k, r in enumerate(rows):
-                if r[_CSTART] and not r[_CEND]:
-                    ncut = k
-                    break
-            for k, r in enumerate(crows):
-                if not r[4]:
-                    ccut = k
-                    break
-        if ncut:
-            self.duplicates += _insert_nodes(self.db, rows[:ncut] if ncut < len(rows) else rows,
-                                             self.dropped, self.name)
-            if self.duplicates > self.limits.max_duplicates:
-                raise FormatError(f"{self.name}: TOC has more than {self.limits.max_duplicates} "
-                                  f"duplicate names, the limit for one layer")
-        if ccut:
-            self.db.executemany(_INSERT_CHUNK, crows[:ccut] if ccut < len(crows) else crows)
+        self.next_flush = self.entries + BATCH
+        db = self.db
+        for t in self.tables:
+            t.write(db, len(t.rows))
         if self.xattr_rows:
-            self.db.executemany(_INSERT_XATTR, self.xattr_rows)
-        self.rows = rows[ncut:]
-        self.chunk_rows = crows[ccut:]
-        self.xattr_rows = []
+            db.executemany(_INSERT_XATTR, self.xattr_rows)
+            self.xattr_rows.clear()
+        for t, col in ((self.data, _D_CSTART), (self.chunks, 3)):
+            rows = t.rows
+            cut = len(rows)
+            if not final and self.pending:
+                for k, r in enumerate(rows):
+                    if r[col] and not r[col + 1]:
+                        cut = k
+                        break
+            t.write(db, cut)
 
     # ---------------------------------------------------------------- finishing
 
@@ -459,13 +484,12 @@ class IndexBuilder:
             row[i + 1] = self.payload_end
         self.pending = []
         self._flush(final=True)
+        self._write_dirs()
         db = self.db
-        # Directories: final attributes and link counts (2 + subdirectories).
-        db.executemany(
-            "UPDATE node SET mode = ?, nlink = ?, uid = ?, gid = ?, mtime_ns = ? WHERE seq = ?",
-            [(st.S_IFDIR | d[1], 2 + d[5], d[2], d[3], d[4], d[0])
-             for d in sorted(self.dirs.values()) if d[5] or d[6]],
-        )
+        # The index's sort spills to a temporary file past this much memory (RSS bound).
+        db.execute("PRAGMA cache_size=-16384")
+        db.execute(_NAME_INDEX)
+        self._drop_duplicates()
         self._resolve_links()
         if self.prefetch_offset is not None and not self.no_prefetch:
             meta["prefetch_offset"] = self.prefetch_offset
@@ -475,7 +499,49 @@ class IndexBuilder:
         db.execute("PRAGMA journal_mode=DELETE")
         db.close()
 
+    def _write_dirs(self) -> None:
+        """Directory rows with their final attributes and link counts (2 + subdirectories)."""
+        table = self.dir_table
+        rows = table.rows
+        for path, d in self.dirs.items():
+            rows.append((d[0], d[6], path.rpartition("/")[2], d[0], st.S_IFDIR | d[1], 2 + d[5],
+                         d[2], d[3], d[4]))
+            if len(rows) >= BATCH:
+                table.write(self.db, len(rows))
+        table.write(self.db, len(rows))
+
+    def _drop_duplicates(self) -> None:
+        """Names given more than once: the latest entry wins, earlier rows get parent -seq.
+
+        (Like extraction: a later entry replaces the file; what a directory entry replaces
+        or may not replace was settled in `add`.)
+        """
+        db = self.db
+        limit = self.limits.max_duplicates
+        # At most `limit` groups are fetched: one more means more duplicates than allowed.
+        groups = db.execute("SELECT parent, name, count(*) FROM node GROUP BY parent, name "
+                            "HAVING count(*) > 1").fetchmany(limit + 1)
+        if sum(n - 1 for _, _, n in groups) > limit:
+            raise FormatError(f"{self.name}: TOC has more than {limit} duplicate names, "
+                              f"the limit for one layer")
+        dropped = self.dropped
+        for parent, name, _ in groups:
+            rows = db.execute("SELECT seq, mode FROM node WHERE parent = ? AND name = ? ORDER BY seq",
+                              (parent, name)).fetchall()
+            for (_, mode), (_, later) in zip(rows, rows[1:]):
+                if st.S_ISDIR(mode):  # tar could not replace a tree either without deleting it
+                    self._replaced_dir(parent, name, later)
+            seqs = [r[0] for r in rows]
+            db.executemany("UPDATE node SET parent = -seq WHERE seq = ?", [(s,) for s in seqs[:-1]])
+            dropped[(parent, name)] = seqs[:-1]
+            self.duplicates += len(seqs) - 1
+
     _ATTRS = "mode, uid, gid, size, mtime_ns, rdev_major, rdev_minor"
+
+    def _replaced_dir(self, parent: int, name: str, mode: int) -> None:
+        ppath = next((p for p, d in self.dirs.items() if d[0] == parent), "")
+        what = _TYPE_NAMES.get(st.S_IFMT(mode), "hardlink")
+        raise self._bad(f"{ppath}/{name}" if ppath else name, f"a {what} entry replaces a directory")
 
     def _resolve_links(self) -> None:
         """Point hardlinks at their targets' inodes; count names (nlink) where it matters."""
