@@ -190,11 +190,13 @@ class Podman:
     base: Path
     roots: list[PodmanRoot] = field(default_factory=list)
 
-    def fresh_root(self, name: str, path: str) -> PodmanRoot:
-        """An empty podman storage whose mount program is that of `path` ("store"/"plugin")."""
+    def fresh_root(self, name: str, path: str, mountopt: str = "") -> PodmanRoot:
+        """An empty podman storage whose mount program is that of `path` ("store"/"plugin"),
+        given `mountopt` (overlay.mountopt) if any."""
         unique = f"{name}-{uuid.uuid4().hex[:6]}"
         root = PodmanRoot(self.user.make_dir(self.base / unique),
-                          self.user.make_dir(self.user.runtime / f"bench-{unique}"), PATHS[path], self.user.store)
+                          self.user.make_dir(self.user.runtime / f"bench-{unique}"), PATHS[path], self.user.store,
+                          mountopt)
         self.roots.append(root)
         return root
 

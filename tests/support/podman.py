@@ -172,11 +172,13 @@ class PodmanRoot:
     runroot: Path
     mount_program: str
     store: Path
+    mountopt: str = ""   # overlay.mountopt: extra options for the mount program, e.g. fast_ino=1
 
     def args(self) -> list[str]:
         program = ["--storage-opt", f"overlay.mount_program={self.mount_program}"] if self.mount_program else []
+        options = ["--storage-opt", f"overlay.mountopt={self.mountopt}"] if self.mountopt else []
         return ["--root", str(self.graphroot), "--runroot", str(self.runroot), "--storage-driver", "overlay",
-                *program, "--storage-opt", f"overlay.additionallayerstore={self.store}:ref"]
+                *program, *options, "--storage-opt", f"overlay.additionallayerstore={self.store}:ref"]
 
 
 @dataclass
