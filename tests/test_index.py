@@ -222,6 +222,37 @@ def test_builder_process_gives_the_same_index(tmp_path, monkeypatch):
         assert inline.chunks(ino) == other.chunks(ino)
 
 
+def _every_kind(n: int) -> list[E]:
+    """n entries of each kind of node row (and chunks), names unique within each kind."""
+    out, off = [], 10
+    for i in range(n):
+        out += [E(f"d{i % 3}/sub{i}", "dir", mode=0o700, uid=i), E(f"e/empty{i}", "reg", mtime_ns=i),
+                E(f"f/data{i}", "reg", size=9, offset=off, chunk_digest=D1, digest=D1, uid=i),
+                E(f"s/link{i}", "symlink", link_name=f"t{i}"), E(f"h/hard{i}", "hardlink", link_name=f"f/data{i}"),
+                E(f"c/fifo{i}", "fifo", gid=i), E(f"m/multi{i}", "reg", size=8, offset=off + 3, chunk_size=4),
+                E(f"m/multi{i}", "chunk", offset=off + 6, chunk_offset=4, chunk_size=4, chunk_digest=D2)]
+        off += 10
+    return out
+
+
+def test_many_rows_per_insert_write_the_same_rows(tmp_path, monkeypatch):
+    """Rows are written 256 per INSERT statement: the values must land in the right rows
+    (counts on both sides of the statement size, with the remainder written one by one)."""
+    entries = _every_kind(600)
+    many = build(tmp_path, entries, name="many")
+    monkeypatch.setattr(index_mod, "_ROWS_PER_INSERT", 1)
+    one = build(tmp_path, entries, name="one")
+    assert tree(many) == tree(one) and len(tree(one)) == 1 + 9 + 600 * 7
+    for p, s in many.walk():
+        assert one.lookup(p)[1] == s
+        assert many.readlink(s.ino) == one.readlink(s.ino)
+        assert many.chunks(s.ino) == one.chunks(s.ino)
+    _, d = many.lookup("d1/sub1")
+    assert (stat.S_IMODE(d.mode), d.uid, d.nlink) == (0o700, 1, 2)
+    assert many.lookup("h/hard5")[1] == many.lookup("f/data5")[1] and many.lookup("f/data5")[1].nlink == 2
+    assert [c.digest for c in many.chunks(many.lookup("m/multi7")[0])] == [None, D2]
+
+
 def test_builder_process_errors_reach_the_parent(tmp_path, monkeypatch):
     monkeypatch.setattr(index_mod.ProcessIndexBuilder, "BATCH", 8)
     with pytest.raises(FormatError, match="missing"):        # raised at finish
