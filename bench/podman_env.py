@@ -180,6 +180,7 @@ class Counters:
 
     fetched: int
     requests: int
+    rounds: int      # requests that began a round trip (none other in flight): dependent fetches
 
 
 @dataclass
@@ -218,7 +219,8 @@ class Podman:
 
     def counters(self) -> Counters:
         rows = json.loads(self.user.run([str(PYTHON), "-m", "crfs_worker.cli", "stats", "--json"]).stdout)
-        return Counters(sum(r["fetched"] for r in rows), sum(r["requests"] for r in rows))
+        return Counters(sum(r["fetched"] for r in rows), sum(r["requests"] for r in rows),
+                        sum(r["rounds"] for r in rows))
 
     def command(self, root: PodmanRoot | None, args: Sequence[str]) -> list[str]:
         env = [f"{k}={v}" for k, v in self.user.env().items()]

@@ -22,9 +22,10 @@ import os
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from .accesslog import AccessLog
 from .blob import BlobReader, LocalBlob
@@ -83,14 +84,16 @@ class LayerStats:
 
     fetched_bytes: int = 0
     requests: int = 0
+    rounds: int = 0  # requests that began a round trip of their own (see FetchRounds)
     verification_failures: int = 0
     cached_digests: set[str] = field(default_factory=set)  # whole files in the content cache
     local_chunks: dict[bytes, int] = field(default_factory=dict)  # chunk digest -> size, stored
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count_fetch(self, length: int) -> None:
+    def count_fetch(self, length: int, new_round: bool) -> None:
         with self.lock:
             self.requests += 1
+            self.rounds += new_round
             self.fetched_bytes += length
 
     def count_failure(self) -> None:
@@ -107,11 +110,34 @@ class LayerStats:
 
 
 @dataclass
+class FetchRounds:
+    """The worker's dependent round trips, for the benchmarks' ideal: a request that starts
+    while no other is in flight (of any layer) begins a round; one that overlaps a request
+    in flight (read-ahead, parallel neighbours) rides in that round."""
+
+    in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def request(self) -> Iterator[bool]:
+        """Yields whether this request began a round."""
+        with self.lock:
+            new_round = self.in_flight == 0
+            self.in_flight += 1
+        try:
+            yield new_round
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@dataclass
 class CountingBlob:
-    """A BlobReader that counts the Range requests and bytes of the blob under it."""
+    """A BlobReader that counts the Range requests, rounds and bytes of the blob under it."""
 
     blob: BlobReader
     stats: LayerStats
+    rounds: FetchRounds = field(default_factory=FetchRounds)
 
     @property
     def size(self) -> int:
@@ -122,8 +148,9 @@ class CountingBlob:
         return self.blob.name
 
     def read_range(self, offset: int, length: int) -> bytes:
-        data = self.blob.read_range(offset, length)
-        self.stats.count_fetch(length)
+        with self.rounds.request() as new_round:
+            data = self.blob.read_range(offset, length)
+        self.stats.count_fetch(length, new_round)
         return data
 
 
@@ -217,6 +244,7 @@ class LayerTable:
     blob_opener: Callable[[LayerRecord], BlobReader] | None = None
     fetcher: ChunkFetcher = field(init=False)
     background: BackgroundFetcher = field(init=False)
+    rounds: FetchRounds = field(default_factory=FetchRounds, init=False)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
     _opening: dict[int, threading.Lock] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -244,7 +272,7 @@ class LayerTable:
             record = self.keys.layer(num)
             stats = LayerStats()
             assert self.blob_opener is not None
-            blob = CountingBlob(self.blob_opener(record), stats)
+            blob = CountingBlob(self.blob_opener(record), stats, self.rounds)
             layer = self.opener(record, self._footer_source(record, blob), self.index_dir)
             live = LiveLayer(num, record, layer, blob, stats)
             with self._lock:
@@ -565,6 +593,7 @@ class LowerLayerService:
                     "name": live.record.describe(),
                     "fetched": live.stats.fetched_bytes,
                     "requests": live.stats.requests,
+                    "rounds": live.stats.rounds,
                     "failures": live.stats.verification_failures,
                 }
             row["cached"] = local + self.cache.total_bytes(digests)
