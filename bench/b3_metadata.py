@@ -115,7 +115,8 @@ def run(ctx: BenchContext) -> list[Figure]:
     by_label = {side.label: side for side in SIDES}
     figures = []
     for crfs, base in ROWS:
-        figures.append(Figure(ID, f"find + stat of {entries} entries, {crfs}", "s",
+        against = f" (baseline {base})" if base != "native" else ""
+        figures.append(Figure(ID, f"find + stat of {entries} entries, {crfs}{against}", "s",
                               [s.first for s in scans[crfs]], [s.first for s in scans[base]],
                               _baseline_name(by_label[base]), Target("<=", 1.5)))
     for crfs in ("store path", "plugin path"):
