@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -145,6 +146,123 @@ class LayerViewRoot(BaseNode):
         return out
 
 
+# ---------------------------------------------------------------------------- pushed read-ahead
+
+PAGE = 4096
+PUSH_AFTER = 1 << 20     # a sequential run this long starts pushing
+PUSH_AHEAD = 64 << 20    # how far past the reader's last read pages are pushed
+PUSH_PIECE = 4 << 20     # bytes per notify_store (one chunk store chunk, typically)
+RUN_SLACK = 512 << 10    # the kernel's readahead reads arrive a little out of order
+
+
+@dataclass
+class ReadStream:
+    """How one open file is being read: a sequential run, and how far pages were pushed."""
+
+    inode: int
+    run_end: int = 0
+    run_bytes: int = 0
+    pushed_to: int = 0    # pages below this offset were pushed into the kernel's cache
+    pushing: bool = False
+    closed: bool = False  # released, or a push failed: push no more
+
+
+StoreFn = Callable[[int, int, bytes], None]
+
+
+@dataclass
+class ReadAheadPusher:
+    """Puts the next pages of a sequentially read file into the kernel's page cache with
+    FUSE notify_store, PUSH_PIECE bytes a message, from a thread of its own.
+
+    The kernel asks a FUSE server for at most its readahead window per read (128 KiB,
+    256 KiB with FADV_SEQUENTIAL; only root may raise the mount's read_ahead_kb), and each
+    request costs a round through the pyfuse3 loop. Pushed pages are read from the page
+    cache without a request. The bytes pushed are what the read handler would return
+    (the layer's verified read), so nothing unverified reaches the cache; a push that
+    fails just stops, and the reader's own read reports the error."""
+
+    store: StoreFn
+    _executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="crfs-push"),
+        init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _idle: threading.Condition = field(init=False, repr=False)
+    _active: int = field(default=0, init=False)   # pushes submitted and not yet ended
+    _stopped: bool = field(default=False, init=False)
+    pushed_bytes: int = field(default=0, init=False)  # for tests and profiling
+
+    def __post_init__(self) -> None:
+        self._idle = threading.Condition(self._lock)
+
+    def note_read(self, stream: ReadStream, handle: FileHandle, offset: int, asked: int, got: int) -> None:
+        """Called after each read the handler answered; starts a push when the file is
+        being read sequentially and the pushed pages are running out."""
+        end = offset + got
+        with self._lock:
+            # Reads continue the run from its last read up to past the pushed pages (the
+            # kernel asks again only where the pushed pages end).
+            if stream.run_end - RUN_SLACK <= offset <= max(stream.run_end, stream.pushed_to) + RUN_SLACK:
+                stream.run_bytes += got
+                stream.run_end = max(stream.run_end, end)
+            else:
+                stream.run_bytes, stream.run_end = got, end
+            if (self._stopped or stream.closed or stream.pushing or got < asked  # end of file
+                    or stream.run_bytes < PUSH_AFTER or stream.pushed_to >= end + PUSH_AHEAD // 2):
+                return
+            start = max(stream.pushed_to, end - end % PAGE)
+            stream.pushing = True
+            self._active += 1
+        self._executor.submit(self._push, stream, handle, start, end + PUSH_AHEAD)
+
+    def close(self, stream: ReadStream) -> None:
+        """The file was released: push no more of it."""
+        with self._lock:
+            stream.closed = True
+
+    def _push(self, stream: ReadStream, handle: FileHandle, start: int, limit: int) -> None:
+        position = start
+        try:
+            while position < limit:
+                with self._lock:
+                    if self._stopped or stream.closed:
+                        return
+                want = min(PUSH_PIECE, limit - position)
+                data = handle.read(position, want)
+                if data:
+                    self.store(stream.inode, position, data)
+                position += len(data)
+                with self._lock:
+                    stream.pushed_to = max(stream.pushed_to, position)
+                    self.pushed_bytes += len(data)
+                if len(data) < want:
+                    return  # end of file
+        except Exception as exc:  # e.g. a chunk failed verification: its reader will see EIO
+            log.debug("view: read-ahead push of inode %d at %d stopped: %s", stream.inode, position, exc)
+            with self._lock:
+                stream.closed = True
+        finally:
+            with self._lock:
+                stream.pushing = False
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every push started so far has ended within `timeout` seconds."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Waits for pushes in progress: none may reach the FUSE session once it is closed.
+        Bounded: a push waiting on a page whose read the stopped loop will never answer
+        must not keep the worker from exiting."""
+        with self._lock:
+            self._stopped = True
+            if not self._idle.wait_for(lambda: self._active == 0, timeout):
+                log.warning("view: a read-ahead push did not end within %.0f s", timeout)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 # ---------------------------------------------------------------------------- FUSE side
 
 
@@ -178,11 +296,12 @@ class ViewOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = False
 
-    def __init__(self, root: Node) -> None:
+    def __init__(self, root: Node, store: StoreFn = pyfuse3.notify_store) -> None:
         super().__init__()
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._lookups: dict[int, int] = {}  # the kernel's references, per inode
-        self._handles: dict[int, FileHandle] = {}
+        self._handles: dict[int, tuple[FileHandle, ReadStream]] = {}
+        self.pusher = ReadAheadPusher(store)
         self._listings: dict[int, list[tuple[str, Node, NodeAttr]]] = {}
         self._next_fh = itertools.count(1)
 
@@ -324,19 +443,24 @@ class ViewOperations(pyfuse3.Operations):
         node = self._node(inode)
         handle = await self._run(False, node.open, flags)
         fh = next(self._next_fh)
-        self._handles[fh] = handle
+        self._handles[fh] = (handle, ReadStream(inode))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles.get(fh)
-        if handle is None:
+        opened = self._handles.get(fh)
+        if opened is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if size <= 0:
             return b""
-        return await self._run(True, handle.read, off, size)  # type: ignore[no-any-return]
+        handle, stream = opened
+        data: bytes = await self._run(True, handle.read, off, size)
+        self.pusher.note_read(stream, handle, off, size, len(data))
+        return data
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        opened = self._handles.pop(fh, None)
+        if opened is not None:
+            self.pusher.close(opened[1])
 
     # ---- changes: only the layer store's `use` and release protocol (create, rmdir)
 
@@ -405,6 +529,7 @@ class FileView:
     _ready: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _error: BaseException | None = field(default=None, init=False, repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    operations: ViewOperations | None = field(default=None, init=False, repr=False)  # while mounted
 
     @property
     def alive(self) -> bool:
@@ -427,9 +552,11 @@ class FileView:
         options = (set(pyfuse3.default_options) - {"default_permissions"}) | {
             "fsname=crfs", "subtype=crfs-view", "nodev", "nosuid",
         } | ({"ro"} if self.read_only else set())
+        operations = self.operations = ViewOperations(self.root)
         try:
-            pyfuse3.init(ViewOperations(self.root), str(self.mountpoint), options)
+            pyfuse3.init(operations, str(self.mountpoint), options)
         except Exception as exc:  # reported by mount()
+            operations.pusher.stop()
             self._error = exc
             self._ready.set()
             self._stopped.set()
@@ -439,6 +566,7 @@ class FileView:
         except BaseException:
             log.exception("the worker's FUSE tree stopped")
         finally:
+            operations.pusher.stop()
             pyfuse3.close(unmount=True)
             self._stopped.set()
 

@@ -371,6 +371,17 @@ def path_parts(raw: Any) -> list[str]:
     return parts
 
 
+def advise_sequential(fd: int) -> None:
+    """Doubles the kernel's readahead window of this open file (it travels with the fd to
+    fuse-overlayfs): the view then gets 256 KiB reads instead of 128 KiB, half the FUSE
+    round trips through the worker's Python loop. A user may not raise the view mount's
+    own read_ahead_kb (root only), but this is the file's own window."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError as exc:  # advice only: a file system may refuse it
+        log.debug("fadvise(SEQUENTIAL) on a view fd: %s", exc)
+
+
 def errno_for(exc: BaseException) -> int:
     if isinstance(exc, (FileNotFoundError, UnknownKeyError)):
         return errno.ENOENT
@@ -533,7 +544,10 @@ class LowerLayerService:
         if stat.S_ISFIFO(st.mode):
             flags |= os.O_NONBLOCK  # a FIFO open without a writer would block this thread for ever
         # Opening on the view fetches nothing; the kernel's reads fetch chunks.
-        return {}, self.view.open(live.num, parts, flags)
+        fd = self.view.open(live.num, parts, flags)
+        if stat.S_ISREG(st.mode) and not flags & (os.O_PATH | os.O_NONBLOCK):
+            advise_sequential(fd)
+        return {}, fd
 
     def _stand_in_fd(self, live: LiveLayer, path: str) -> int:
         """An empty, sealed stand-in for a device node or socket. fuse-overlayfs opens one
