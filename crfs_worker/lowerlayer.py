@@ -382,6 +382,21 @@ def advise_sequential(fd: int) -> None:
         log.debug("fadvise(SEQUENTIAL) on a view fd: %s", exc)
 
 
+def reads_whole_or_fail(fd: int) -> None:
+    """Makes a view fd handed to crfs.so O_DIRECT: each read fuse-overlayfs makes is then
+    one view request, which succeeds or fails whole. Through the view's page cache a read
+    could return cached pages and then stop at a chunk that failed (a registry error, a
+    corrupt chunk, the worker killed); libfuse answers such a partial splice with a SHORT
+    reply, and the kernel, taking it for the end of the file, fills the rest of
+    fuse-overlayfs's request with zeros and keeps them in its page cache: wrong bytes.
+    (tests/test_plugin_partial_reads.py.) Closes the fd if the flag cannot be set."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def errno_for(exc: BaseException) -> int:
     if isinstance(exc, (FileNotFoundError, UnknownKeyError)):
         return errno.ENOENT
@@ -545,6 +560,8 @@ class LowerLayerService:
             flags |= os.O_NONBLOCK  # a FIFO open without a writer would block this thread for ever
         # Opening on the view fetches nothing; the kernel's reads fetch chunks.
         fd = self.view.open(live.num, parts, flags)
+        if stat.S_ISREG(st.mode) and not flags & os.O_PATH:
+            reads_whole_or_fail(fd)
         if stat.S_ISREG(st.mode) and not flags & (os.O_PATH | os.O_NONBLOCK):
             advise_sequential(fd)
         return {}, fd

@@ -677,6 +677,12 @@ class FaultRelay:
             self._changed.wait_for(lambda: self._in_flight == 0, timeout)
             return list(self._records)
 
+    def wait_in_flight(self, count: int = 1, timeout: float = 30.0) -> bool:
+        """Blocks until at least `count` requests are being relayed (e.g. waiting on a
+        paused registry); False after `timeout`."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._in_flight >= count, timeout)
+
     def wait_for_records(self, count: int, timeout: float = 30.0) -> list[RelayRecord]:
         """Blocks until `count` requests have finished (bodies included) or `timeout`."""
         with self._changed:
@@ -736,6 +742,7 @@ class FaultRelay:
     def _begin(self) -> None:
         with self._changed:
             self._in_flight += 1
+            self._changed.notify_all()
 
     def _record(self, record: RelayRecord) -> None:
         with self._changed:

@@ -1,0 +1,106 @@
+"""A read of a view fd that fails part-way must reach the reader as an error, never as
+zeros. fuse-overlayfs 1.10 reads a lower fd by splice, and libfuse answers a splice that
+stopped at an error after some bytes with a SHORT reply; the kernel takes a short FUSE
+read for the end of the file and fills the rest of the request with zeros, which stay in
+fuse-overlayfs's page cache. Pages already in the view's page cache followed by a chunk
+that fails (a registry error, a corrupt chunk, the worker killed) made exactly that. The
+view fds handed to crfs.so are O_DIRECT: one fuse-overlayfs read is one view request,
+which succeeds or fails whole.
+
+Both tests put the file's first chunk in the view's page cache by reading it through the
+view, then make the next chunk fail while fuse-overlayfs reads across the two."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.test_prefetch import BIG, CHUNK, DEADLINE, FUSE_OVERLAYFS, Crfs, PrefetchImage, crfs, image  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not Path(FUSE_OVERLAYFS).exists(), reason="fuse-overlayfs is not installed")
+
+SPAN = 4 * CHUNK  # one read across the cached chunk and those after it
+
+# A child process reads SPAN bytes at 0 and prints how many it got, or the errno.
+_READ = r"""
+import os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    got = os.pread(fd, int(sys.argv[2]), 0)
+    os.close(fd)
+    expected = open(sys.argv[3], "rb").read(len(got))
+    print("ok" if got == expected else "wrong", len(got))
+except OSError as exc:
+    print("err", exc.errno)
+"""
+
+
+def _cache_first_chunk(worker: Crfs) -> None:
+    """Reads big.bin's first chunk through the view (no readahead: that chunk only)."""
+    view = worker.runtime / "view"
+    num = next(n for n in os.listdir(view) if (view / n / "data/big.bin").exists())
+    fd = os.open(view / num / "data/big.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(fd, CHUNK, 0) == BIG[:CHUNK]
+    finally:
+        os.close(fd)
+
+
+def _read_in_child(path: Path, expected: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _READ, str(path), str(SPAN), str(expected)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _verdict(child: subprocess.Popen[str]) -> str:
+    out, _ = child.communicate(timeout=DEADLINE)
+    return out.split()[0]
+
+
+def _assert_intact(merged: Path) -> None:
+    with open(merged / "data/big.bin", "rb") as f:
+        assert f.read(SPAN) == BIG[:SPAN]  # what fuse-overlayfs's page cache kept
+    assert (merged / "data/big.bin").read_bytes() == BIG
+
+
+def test_failed_chunk_after_cached_pages_is_an_error(image: PrefetchImage, crfs: Callable[..., Crfs],
+                                                    tmp_path: Path) -> None:
+    worker = crfs("--no-background-fetch", CRFS_FETCH_COALESCE="0", CRFS_FETCH_READ_AHEAD="0",
+                  CRFS_FETCH_ATTEMPTS="1")
+    merged = worker.mount()
+    expected = tmp_path / "big.bin"
+    expected.write_bytes(BIG)
+    _cache_first_chunk(worker)
+    image.relay.fail_next(1000, 503, path_contains="/blobs/", method="GET")
+    try:
+        verdict = _verdict(_read_in_child(merged / "data/big.bin", expected))
+    finally:
+        image.relay.fail_next(0)
+    assert verdict in ("err", "ok")  # an error, or (short) right bytes: never zeros
+    _assert_intact(merged)
+
+
+def test_worker_killed_during_a_read_after_cached_pages(image: PrefetchImage, crfs: Callable[..., Crfs],
+                                                       tmp_path: Path) -> None:
+    worker = crfs("--no-background-fetch", CRFS_FETCH_COALESCE="0", CRFS_FETCH_READ_AHEAD="0")
+    merged = worker.mount()
+    expected = tmp_path / "big.bin"
+    expected.write_bytes(BIG)
+    _cache_first_chunk(worker)
+    image.registry.process.pause()  # the next chunk's fetch hangs: the read is in flight
+    try:
+        child = _read_in_child(merged / "data/big.bin", expected)
+        assert image.relay.wait_in_flight(1, DEADLINE), "the read never reached the registry"
+        old = worker.worker_pid()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        verdict = _verdict(child)
+    finally:
+        image.registry.process.resume()
+    assert verdict in ("err", "ok")
+    _assert_intact(merged)  # through the worker the plugin starts anew
