@@ -150,7 +150,7 @@ class LayerViewRoot(BaseNode):
 
 PAGE = 4096
 PUSH_AFTER = 1 << 20     # a sequential run this long starts pushing
-PUSH_AHEAD = 64 << 20    # how far past the reader's last read pages are pushed
+PUSH_AHEAD = 64 << 20    # at most this far past the reader's last read pages are pushed
 PUSH_PIECE = 4 << 20     # bytes per notify_store (one chunk store chunk, typically)
 RUN_SLACK = 512 << 10    # the kernel's readahead reads arrive a little out of order
 
@@ -162,8 +162,7 @@ class ReadStream:
     inode: int
     run_end: int = 0
     run_bytes: int = 0
-    pushed_to: int = 0    # pages below this offset were pushed into the kernel's cache
-    pushing: bool = False
+    queued_to: int = 0    # pieces below this offset are pushed or being pushed
     closed: bool = False  # released, or a push failed: push no more
 
 
@@ -173,14 +172,15 @@ StoreFn = Callable[[int, int, bytes], None]
 @dataclass
 class ReadAheadPusher:
     """Puts the next pages of a sequentially read file into the kernel's page cache with
-    FUSE notify_store, PUSH_PIECE bytes a message, from a thread of its own.
+    FUSE notify_store, PUSH_PIECE bytes a message, from threads of its own (two pieces at a
+    time: one reads the chunk store while the other copies into the kernel).
 
     The kernel asks a FUSE server for at most its readahead window per read (128 KiB,
     256 KiB with FADV_SEQUENTIAL; only root may raise the mount's read_ahead_kb), and each
     request costs a round through the pyfuse3 loop. Pushed pages are read from the page
     cache without a request. The bytes pushed are what the read handler would return
     (the layer's verified read), so nothing unverified reaches the cache; a push that
-    fails just stops, and the reader's own read reports the error."""
+    fails stops the file's pushing, and the reader's own read reports the error."""
 
     store: StoreFn
     _executor: ThreadPoolExecutor = field(
@@ -188,7 +188,7 @@ class ReadAheadPusher:
         init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _idle: threading.Condition = field(init=False, repr=False)
-    _active: int = field(default=0, init=False)   # pushes submitted and not yet ended
+    _active: int = field(default=0, init=False)   # pieces submitted and not yet ended
     _stopped: bool = field(default=False, init=False)
     pushed_bytes: int = field(default=0, init=False)  # for tests and profiling
 
@@ -196,54 +196,51 @@ class ReadAheadPusher:
         self._idle = threading.Condition(self._lock)
 
     def note_read(self, stream: ReadStream, handle: FileHandle, offset: int, asked: int, got: int) -> None:
-        """Called after each read the handler answered; starts a push when the file is
-        being read sequentially and the pushed pages are running out."""
+        """Called after each read the handler answered; queues pieces when the file is
+        being read sequentially and the queued pages are running out."""
         end = offset + got
         with self._lock:
-            # Reads continue the run from its last read up to past the pushed pages (the
+            # Reads continue the run from its last read up to past the queued pages (the
             # kernel asks again only where the pushed pages end).
-            if stream.run_end - RUN_SLACK <= offset <= max(stream.run_end, stream.pushed_to) + RUN_SLACK:
+            if stream.run_end - RUN_SLACK <= offset <= max(stream.run_end, stream.queued_to) + RUN_SLACK:
                 stream.run_bytes += got
                 stream.run_end = max(stream.run_end, end)
             else:
                 stream.run_bytes, stream.run_end = got, end
-            if (self._stopped or stream.closed or stream.pushing or got < asked  # end of file
-                    or stream.run_bytes < PUSH_AFTER or stream.pushed_to >= end + PUSH_AHEAD // 2):
+            # As far ahead as the run is long (up to PUSH_AHEAD): a reader that stops early
+            # makes the worker fetch at most about as much again as it read.
+            ahead = min(PUSH_AHEAD, max(PUSH_PIECE, stream.run_bytes))
+            if (self._stopped or stream.closed or got < asked  # end of file
+                    or stream.run_bytes < PUSH_AFTER or stream.queued_to >= end + ahead // 2):
                 return
-            start = max(stream.pushed_to, end - end % PAGE)
-            stream.pushing = True
-            self._active += 1
-        self._executor.submit(self._push, stream, handle, start, end + PUSH_AHEAD)
+            start, limit = max(stream.queued_to, end - end % PAGE), end + ahead
+            stream.queued_to = limit
+            pieces = range(start, limit, PUSH_PIECE)
+            self._active += len(pieces)
+        for piece in pieces:
+            self._executor.submit(self._push, stream, handle, piece, min(PUSH_PIECE, limit - piece))
 
     def close(self, stream: ReadStream) -> None:
         """The file was released: push no more of it."""
         with self._lock:
             stream.closed = True
 
-    def _push(self, stream: ReadStream, handle: FileHandle, start: int, limit: int) -> None:
-        position = start
+    def _push(self, stream: ReadStream, handle: FileHandle, offset: int, size: int) -> None:
         try:
-            while position < limit:
-                with self._lock:
-                    if self._stopped or stream.closed:
-                        return
-                want = min(PUSH_PIECE, limit - position)
-                data = handle.read(position, want)
-                if data:
-                    self.store(stream.inode, position, data)
-                position += len(data)
-                with self._lock:
-                    stream.pushed_to = max(stream.pushed_to, position)
-                    self.pushed_bytes += len(data)
-                if len(data) < want:
-                    return  # end of file
+            with self._lock:
+                if self._stopped or stream.closed:
+                    return
+            data = handle.read(offset, size)  # short or empty past the end of the file
+            if data:
+                self.store(stream.inode, offset, data)
+            with self._lock:
+                self.pushed_bytes += len(data)
         except Exception as exc:  # e.g. a chunk failed verification: its reader will see EIO
-            log.debug("view: read-ahead push of inode %d at %d stopped: %s", stream.inode, position, exc)
+            log.debug("view: read-ahead push of inode %d at %d stopped: %s", stream.inode, offset, exc)
             with self._lock:
                 stream.closed = True
         finally:
             with self._lock:
-                stream.pushing = False
                 self._active -= 1
                 self._idle.notify_all()
 

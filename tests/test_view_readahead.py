@@ -106,24 +106,22 @@ def mounted() -> Iterator[Mounted]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_sequential_reads_are_pushed_and_then_reach_the_worker_no_more(mounted: Mounted) -> None:
+def test_sequential_reads_are_pushed_and_reach_the_worker_only_at_the_pushed_end(mounted: Mounted) -> None:
     fd = os.open(mounted.layer_dir / "big", os.O_RDONLY)
+    got = bytearray()
     try:
-        head = b""
-        while len(head) < PUSH_AFTER:  # a sequential run long enough to start pushing
-            head += os.pread(fd, 1 << 16, len(head))
-        assert mounted.pusher.wait_idle(60)
-        asked = len(mounted.layers.kernel_reads("big"))
-        rest = bytearray()
-        while piece := os.pread(fd, 1 << 20, len(head) + len(rest)):
-            rest += piece
+        # Waiting for the pushes after each read: the kernel then asks only where the
+        # pushed pages end, and the window doubles with the run (4, 8, ... MiB).
+        while piece := os.pread(fd, 1 << 16, len(got)):
+            got += piece
+            assert mounted.pusher.wait_idle(60)
     finally:
         os.close(fd)
-    assert head + rest == BIG
-    # Everything after the first run was already in the page cache.
-    assert len(mounted.layers.kernel_reads("big")) == asked
-    assert mounted.layers.kernel_reads("big", start=PUSH_AFTER + (1 << 20)) == []
-    assert mounted.pusher.pushed_bytes >= len(BIG) - 2 * PUSH_AFTER
+    assert got == BIG
+    asked = mounted.layers.kernel_reads("big")
+    # Without pushes: one request per 128 KiB of readahead, ~100 for this file.
+    assert len(asked) <= 30, asked
+    assert mounted.pusher.pushed_bytes >= len(BIG) - PUSH_AFTER - sum(size for _, size in asked)
 
 
 def test_scattered_reads_push_nothing(mounted: Mounted) -> None:
@@ -148,19 +146,10 @@ def test_a_chunk_failing_verification_is_not_pushed_and_its_reader_gets_eio(moun
                 got += piece
         assert raised.value.errno == errno.EIO
         assert mounted.pusher.wait_idle(60)
-        with pytest.raises(OSError) as again:  # pushing stopped; the kernel asks, and fails
+        with pytest.raises(OSError) as again:  # none of the bad chunk's pages was pushed
             os.pread(fd, 4096, BAD_CHUNK * CHUNK + 4096)
         assert again.value.errno == errno.EIO
     finally:
         os.close(fd)
     assert bytes(got) == BAD[:len(got)]
     assert len(got) <= BAD_CHUNK * CHUNK
-    # The pages after the bad chunk were never pushed: a read there asks the worker.
-    before = len(mounted.layers.kernel_reads("bad", start=(BAD_CHUNK + 1) * CHUNK))
-    fd = os.open(mounted.layer_dir / "bad", os.O_RDONLY)
-    try:
-        offset = (BAD_CHUNK + 2) * CHUNK
-        assert os.pread(fd, 4096, offset) == BAD[offset:offset + 4096]
-    finally:
-        os.close(fd)
-    assert len(mounted.layers.kernel_reads("bad", start=(BAD_CHUNK + 1) * CHUNK)) > before
