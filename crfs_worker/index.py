@@ -708,10 +708,12 @@ class ProcessIndexBuilder:
             msg = _read_frame(self.proc.stdout)
         except (EOFError, OSError, ValueError, msgpack.UnpackException):
             pass
+        status = self.proc.poll()  # before abort: how it ended, if it did on its own
         self.abort()
         if msg and msg[0] == "error":
             raise (FormatError if msg[1] else CrfsError)(msg[2])
-        raise CrfsError(f"{self.name}: the index builder process failed")
+        how = "" if status is None else f" (killed by signal {-status})" if status < 0 else f" (exit status {status})"
+        raise CrfsError(f"{self.name}: the index builder process failed{how}")
 
     def finish(self, meta: dict[str, object]) -> None:
         self._send(("finish", meta))

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from crfs_worker import index as index_mod
-from crfs_worker.errors import FormatError
+from crfs_worker.errors import CrfsError, FormatError
 from crfs_worker.index import ChunkRow, Index, IndexBuilder
 from crfs_worker.toc import TocEntry as E
 
@@ -265,6 +265,15 @@ def test_builder_process_errors_reach_the_parent(tmp_path, monkeypatch):
     proc = b.proc
     b.abort()
     assert proc.poll() is not None
+
+
+def test_a_killed_builder_process_is_reported_with_its_signal(tmp_path):
+    b = index_mod.ProcessIndexBuilder(tmp_path / "x.sqlite", name="layer-x", fmt="estargz", payload_end=10**6)
+    b.proc.kill()
+    b.proc.wait()
+    with pytest.raises(CrfsError, match=r"layer-x: the index builder process failed \(killed by signal 9\)"):
+        b.finish({})
+    assert not (tmp_path / "x.sqlite").exists()
 
 
 def test_make_builder_picks_by_toc_size(tmp_path):
