@@ -7,7 +7,8 @@ chunk store, a file is hashed again the first time it is used after a worker sta
 checked cheaply (owner, mode, size, unchanged since verified) on every use.
 
 Files that are a single chunk are served from the chunk store itself; this cache holds the
-small files the worker assembled from several chunks.
+small files the worker assembled from several chunks, and local copies of big files
+whose chunks were all local when a reader reached their end (`put_pieces`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .chunkstore import VerifiedFiles
 from .dirs import cache_dir, ensure_private_dir
@@ -85,6 +86,38 @@ class ContentCache:
                 return CachedFile(fd, size, fetched=False)
             data = fetch()
             return CachedFile(self._store(digest, size, data), size, fetched=True)
+
+    def put_pieces(self, digest: str, size: int, pieces: Iterable[bytes]) -> bool:
+        """Writes the file from `pieces` (in order), hashing as it goes, without holding it
+        in memory; the file gets its name only if the bytes match `digest`. False if it was
+        already cached. VerificationError if the bytes do not match (nothing is kept)."""
+        with self._lock_for(digest):
+            fd = self.open(digest, size)
+            if fd is not None:
+                os.close(fd)
+                return False
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")  # created 0600
+            try:
+                hasher, written = hashlib.sha256(), 0
+                for piece in pieces:
+                    hasher.update(piece)
+                    written += len(piece)
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+                if written != size or "sha256:" + hasher.hexdigest() != digest:
+                    raise VerificationError(f"content cache: assembled bytes do not match {digest}")
+                os.replace(tmp, self.path_for(digest))
+                self._verified.remember(bytes.fromhex(digest[7:]), fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+            finally:
+                os.close(fd)
+            return True
 
     def _store(self, digest: str, size: int, data: bytes) -> int:
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:

@@ -175,8 +175,8 @@ class ReadAheadPusher:
     FUSE notify_store, PUSH_PIECE bytes a message, from threads of its own (two pieces at a
     time: one reads the chunk store while the other copies into the kernel).
 
-    The kernel asks a FUSE server for at most its readahead window per read (128 KiB,
-    256 KiB with FADV_SEQUENTIAL; only root may raise the mount's read_ahead_kb), and each
+    The kernel asks a FUSE server for at most its readahead window per read (128 KiB;
+    only root may raise the mount's read_ahead_kb), and each
     request costs a round through the pyfuse3 loop. Pushed pages are read from the page
     cache without a request. The bytes pushed are what the read handler would return
     (the layer's verified read), so nothing unverified reaches the cache; a push that
@@ -297,7 +297,7 @@ class ViewOperations(pyfuse3.Operations):
         super().__init__()
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._lookups: dict[int, int] = {}  # the kernel's references, per inode
-        self._handles: dict[int, tuple[FileHandle, ReadStream]] = {}
+        self._handles: dict[int, tuple[FileHandle, ReadStream | None]] = {}
         self.pusher = ReadAheadPusher(store)
         self._listings: dict[int, list[tuple[str, Node, NodeAttr]]] = {}
         self._next_fh = itertools.count(1)
@@ -440,7 +440,8 @@ class ViewOperations(pyfuse3.Operations):
         node = self._node(inode)
         handle = await self._run(False, node.open, flags)
         fh = next(self._next_fh)
-        self._handles[fh] = (handle, ReadStream(inode))
+        # An O_DIRECT reader never looks in the page cache: pushing pages would be waste.
+        self._handles[fh] = (handle, None if flags & os.O_DIRECT else ReadStream(inode))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -451,12 +452,13 @@ class ViewOperations(pyfuse3.Operations):
             return b""
         handle, stream = opened
         data: bytes = await self._run(True, handle.read, off, size)
-        self.pusher.note_read(stream, handle, off, size, len(data))
+        if stream is not None:
+            self.pusher.note_read(stream, handle, off, size, len(data))
         return data
 
     async def release(self, fh: int) -> None:
         opened = self._handles.pop(fh, None)
-        if opened is not None:
+        if opened is not None and opened[1] is not None:
             self.pusher.close(opened[1])
 
     # ---- changes: only the layer store's `use` and release protocol (create, rmdir)
@@ -483,7 +485,7 @@ class ViewOperations(pyfuse3.Operations):
 
 # Flags a plugin open may carry to the view; anything else (writes, O_CREAT...) is refused
 # before this point. O_NOFOLLOW and O_CLOEXEC are always added.
-_PASS_FLAGS = os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | os.O_LARGEFILE
+_PASS_FLAGS = os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | os.O_LARGEFILE | os.O_DIRECT
 _MNT_DETACH = 2
 
 

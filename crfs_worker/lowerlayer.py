@@ -44,6 +44,8 @@ from .registry import RegistryClient
 log = logging.getLogger(__name__)
 
 SMALL_FILE_LIMIT = 1 << 20  # files up to this size are fetched whole into the content cache
+LOCAL_COPY_BUDGET = 8 << 30  # bigger files read to their end get a local copy, up to this much
+LOCAL_COPY_PIECE = 4 << 20
 # eStargz prefetch markers at a layer's root: format artifacts, not image content.
 LANDMARKS = frozenset((".prefetch.landmark", ".no.prefetch.landmark"))
 
@@ -245,6 +247,8 @@ class LayerTable:
     fetcher: ChunkFetcher = field(init=False)
     background: BackgroundFetcher = field(init=False)
     rounds: FetchRounds = field(default_factory=FetchRounds, init=False)
+    # Told of every read that reaches a file's end (LowerLayerService makes local copies).
+    read_to_end: Callable[[LiveLayer, str], None] | None = field(default=None, init=False, repr=False)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
     _opening: dict[int, threading.Lock] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -332,10 +336,20 @@ class LayerTable:
 
     def read(self, num: int, path: str, offset: int, size: int) -> bytes:
         """Verified bytes [offset, offset+size) of a file, fetching only missing chunks
-        (adjacent ones in one Range request)."""
+        (adjacent ones in one Range request). A read that reaches the file's end is told
+        to `read_to_end`."""
         live = self.get(num)
         chunks = live.call("chunks_for", path, offset, size)
-        return self.fetcher.read(live, chunks, offset, size)
+        data = self.fetcher.read(live, chunks, offset, size)
+        if self.read_to_end is not None and (len(data) < size or not chunks
+                                             or offset + len(data) >= live.call("stat", path).size):
+            self.read_to_end(live, path)
+        return data
+
+    def all_local(self, live: LiveLayer, path: str, size: int) -> bool:
+        """Whether every chunk of the file is in the chunk store (cheap: not hashed)."""
+        chunks = live.call("chunks_for", path, 0, size)
+        return bool(chunks) and all(c.digest is not None and self.store.has(c.digest, c.size) for c in chunks)
 
     def whole_file_chunk(self, live: LiveLayer, path: str, size: int) -> Any | None:
         """The file's only chunk, if one digested chunk holds the whole file."""
@@ -369,32 +383,6 @@ def path_parts(raw: Any) -> list[str]:
     if len(text.encode(errors="surrogateescape")) >= 4096:
         raise RequestFailed(errno.ENAMETOOLONG, "path too long")
     return parts
-
-
-def advise_sequential(fd: int) -> None:
-    """Doubles the kernel's readahead window of this open file (it travels with the fd to
-    fuse-overlayfs): the view then gets 256 KiB reads instead of 128 KiB, half the FUSE
-    round trips through the worker's Python loop. A user may not raise the view mount's
-    own read_ahead_kb (root only), but this is the file's own window."""
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except OSError as exc:  # advice only: a file system may refuse it
-        log.debug("fadvise(SEQUENTIAL) on a view fd: %s", exc)
-
-
-def reads_whole_or_fail(fd: int) -> None:
-    """Makes a view fd handed to crfs.so O_DIRECT: each read fuse-overlayfs makes is then
-    one view request, which succeeds or fails whole. Through the view's page cache a read
-    could return cached pages and then stop at a chunk that failed (a registry error, a
-    corrupt chunk, the worker killed); libfuse answers such a partial splice with a SHORT
-    reply, and the kernel, taking it for the end of the file, fills the rest of
-    fuse-overlayfs's request with zeros and keeps them in its page cache: wrong bytes.
-    (tests/test_plugin_partial_reads.py.) Closes the fd if the flag cannot be set."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def errno_for(exc: BaseException) -> int:
@@ -432,6 +420,13 @@ class LowerLayerService:
     cache: ContentCache
     small_file_limit: int = SMALL_FILE_LIMIT
     access_log: AccessLog = field(default_factory=AccessLog)  # `crfs optimize` recordings
+    local_copy_budget: int = LOCAL_COPY_BUDGET  # bytes of big-file copies per worker life
+    _copying: set[str] = field(default_factory=set, init=False, repr=False)
+    _copied_bytes: int = field(default=0, init=False)
+    _copy_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.table.read_to_end = self._copy_when_local
 
     def handle(self, request: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         op = request.get("op")
@@ -558,13 +553,21 @@ class LowerLayerService:
             return {}, self._stand_in_fd(live, path)
         if stat.S_ISFIFO(st.mode):
             flags |= os.O_NONBLOCK  # a FIFO open without a writer would block this thread for ever
-        # Opening on the view fetches nothing; the kernel's reads fetch chunks.
-        fd = self.view.open(live.num, parts, flags)
+        if self._wants_local_copy(live, path, st, flags):
+            fd = self._local_copy_fd(live, path, st)
+            if fd is not None:
+                return {}, fd
         if stat.S_ISREG(st.mode) and not flags & os.O_PATH:
-            reads_whole_or_fail(fd)
-        if stat.S_ISREG(st.mode) and not flags & (os.O_PATH | os.O_NONBLOCK):
-            advise_sequential(fd)
-        return {}, fd
+            # O_DIRECT: each read fuse-overlayfs makes is one view request, which succeeds
+            # or fails whole. Through the view's page cache a read could return cached
+            # pages and then stop at a chunk that failed (a registry error, a corrupt
+            # chunk, the worker killed); libfuse answers such a partial splice with a
+            # SHORT reply, and the kernel, taking it for the end of the file, fills the
+            # rest of fuse-overlayfs's request with zeros and keeps them: wrong bytes
+            # (tests/test_plugin_partial_reads.py). Warm reads come from local copies.
+            flags |= os.O_DIRECT
+        # Opening on the view fetches nothing; the kernel's reads fetch chunks.
+        return {}, self.view.open(live.num, parts, flags)
 
     def _stand_in_fd(self, live: LiveLayer, path: str) -> int:
         """An empty, sealed stand-in for a device node or socket. fuse-overlayfs opens one
@@ -609,6 +612,61 @@ class LowerLayerService:
             return None
         live.stats.count_cached(digest)
         return cached.fd
+
+    # ---- local copies of big files (warm reads at local-file speed)
+
+    def _wants_local_copy(self, live: LiveLayer, path: str, st: EntryStat, flags: int) -> bool:
+        if not stat.S_ISREG(st.mode) or st.size <= self.small_file_limit:
+            return False
+        if flags & (os.O_NONBLOCK | os.O_PATH):
+            return False
+        return not self.table.listxattr(live.num, path)  # copy-up reads xattrs from the fd
+
+    def _local_copy_fd(self, live: LiveLayer, path: str, st: EntryStat) -> int | None:
+        """The file's local copy in the content cache, if one was made (never made here:
+        an open must not wait for hundreds of MiB to be written)."""
+        digest = live.file_digest(path)
+        if digest is None:
+            return None
+        fd = self.cache.open(digest, st.size)  # hashed once per worker life, as every cache file
+        if fd is not None:
+            live.stats.count_cached(digest)
+        return fd
+
+    def _copy_when_local(self, live: LiveLayer, path: str) -> None:
+        """LayerTable.read reached the end of `path`: if the file is big and every one of
+        its chunks is local, copy it into the content cache in the background, so that
+        later opens get a local file (read at local-file speed, no FUSE hop) instead of
+        an O_DIRECT view fd. Bounded by local_copy_budget bytes per worker life: a copy
+        doubles the disk the file takes (its chunks stay, other layers may share them)."""
+        st = self.table.stat(live.num, path)
+        if not stat.S_ISREG(st.mode) or st.size <= self.small_file_limit or self.table.listxattr(live.num, path):
+            return
+        digest = live.file_digest(path)
+        if digest is None:
+            return
+        with self._copy_lock:
+            if digest in self._copying or self._copied_bytes + st.size > self.local_copy_budget:
+                return
+            self._copying.add(digest)
+        threading.Thread(target=self._copy_local, args=(live, path, st.size, digest),
+                         name="crfs-local-copy", daemon=True).start()
+
+    def _copy_local(self, live: LiveLayer, path: str, size: int, digest: str) -> None:
+        try:
+            if not self.table.all_local(live, path, size):
+                return  # a copy would fetch: the reader left some chunks unread
+            pieces = (self.table.read(live.num, path, offset, min(LOCAL_COPY_PIECE, size - offset))
+                      for offset in range(0, size, LOCAL_COPY_PIECE))
+            if self.cache.put_pieces(digest, size, pieces):
+                with self._copy_lock:
+                    self._copied_bytes += size
+                log.info("content cache: local copy of %s (%d bytes)", path, size)
+        except (CrfsError, OSError) as exc:  # the view still serves the file, verified
+            log.warning("content cache: no local copy of %s: %s", path, exc)
+        finally:
+            with self._copy_lock:
+                self._copying.discard(digest)
 
     def _fetch_whole(self, live: LiveLayer, path: str, size: int) -> bytes:
         return self.table.read(live.num, path, 0, size) if size else b""
