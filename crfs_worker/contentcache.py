@@ -144,6 +144,16 @@ class ContentCache:
     def _lock_for(self, digest: str) -> threading.Lock:
         return self._locks[hash(digest) % len(self._locks)]
 
+    def disk_bytes(self) -> int:
+        """Bytes of every file in the cache now (all workers' and earlier lives')."""
+        total = 0
+        for entry in os.scandir(self.root):
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+        return total
+
     def total_bytes(self, digests: set[str]) -> int:
         """Bytes these digests occupy in the cache now."""
         total = 0

@@ -44,8 +44,9 @@ from .registry import RegistryClient
 log = logging.getLogger(__name__)
 
 SMALL_FILE_LIMIT = 1 << 20  # files up to this size are fetched whole into the content cache
-LOCAL_COPY_BUDGET = 8 << 30  # bigger files read to their end get a local copy, up to this much
+LOCAL_COPY_BUDGET = 8 << 30  # bigger files read to their end get a local copy while the content cache is below this
 LOCAL_COPY_PIECE = 4 << 20
+LOCAL_COPY_WAIT = 30.0       # seconds an open waits for a local copy being written
 # eStargz prefetch markers at a layer's root: format artifacts, not image content.
 LANDMARKS = frozenset((".prefetch.landmark", ".no.prefetch.landmark"))
 
@@ -420,9 +421,8 @@ class LowerLayerService:
     cache: ContentCache
     small_file_limit: int = SMALL_FILE_LIMIT
     access_log: AccessLog = field(default_factory=AccessLog)  # `crfs optimize` recordings
-    local_copy_budget: int = LOCAL_COPY_BUDGET  # bytes of big-file copies per worker life
-    _copying: set[str] = field(default_factory=set, init=False, repr=False)
-    _copied_bytes: int = field(default=0, init=False)
+    local_copy_budget: int = LOCAL_COPY_BUDGET  # no local copy once the content cache holds this much
+    _copying: dict[str, threading.Event] = field(default_factory=dict, init=False, repr=False)
     _copy_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -623,11 +623,17 @@ class LowerLayerService:
         return not self.table.listxattr(live.num, path)  # copy-up reads xattrs from the fd
 
     def _local_copy_fd(self, live: LiveLayer, path: str, st: EntryStat) -> int | None:
-        """The file's local copy in the content cache, if one was made (never made here:
-        an open must not wait for hundreds of MiB to be written)."""
+        """The file's local copy in the content cache, if one was made (never started here:
+        an open waits only for a copy already being written, LOCAL_COPY_WAIT at most)."""
         digest = live.file_digest(path)
         if digest is None:
             return None
+        with self._copy_lock:
+            copying = self._copying.get(digest)
+        if copying is not None:
+            # A copy being written (the previous container just read the file to its end)
+            # is ready sooner than the O_DIRECT view would serve the file.
+            copying.wait(LOCAL_COPY_WAIT)
         fd = self.cache.open(digest, st.size)  # hashed once per worker life, as every cache file
         if fd is not None:
             live.stats.count_cached(digest)
@@ -637,18 +643,23 @@ class LowerLayerService:
         """LayerTable.read reached the end of `path`: if the file is big and every one of
         its chunks is local, copy it into the content cache in the background, so that
         later opens get a local file (read at local-file speed, no FUSE hop) instead of
-        an O_DIRECT view fd. Bounded by local_copy_budget bytes per worker life: a copy
-        doubles the disk the file takes (its chunks stay, other layers may share them)."""
+        an O_DIRECT view fd. Bounded: no copy once the content cache holds local_copy_budget
+        bytes; a copy doubles the disk the file takes (its chunks stay: other layers and
+        the view may use them)."""
         st = self.table.stat(live.num, path)
         if not stat.S_ISREG(st.mode) or st.size <= self.small_file_limit or self.table.listxattr(live.num, path):
             return
         digest = live.file_digest(path)
         if digest is None:
             return
+        # Bounded by what the content cache holds on disk, whoever made it (a scan: this
+        # runs once per big file read to its end).
+        if self.cache.disk_bytes() + st.size > self.local_copy_budget:
+            return
         with self._copy_lock:
-            if digest in self._copying or self._copied_bytes + st.size > self.local_copy_budget:
+            if digest in self._copying:
                 return
-            self._copying.add(digest)
+            self._copying[digest] = threading.Event()
         threading.Thread(target=self._copy_local, args=(live, path, st.size, digest),
                          name="crfs-local-copy", daemon=True).start()
 
@@ -659,14 +670,12 @@ class LowerLayerService:
             pieces = (self.table.read(live.num, path, offset, min(LOCAL_COPY_PIECE, size - offset))
                       for offset in range(0, size, LOCAL_COPY_PIECE))
             if self.cache.put_pieces(digest, size, pieces):
-                with self._copy_lock:
-                    self._copied_bytes += size
                 log.info("content cache: local copy of %s (%d bytes)", path, size)
         except (CrfsError, OSError) as exc:  # the view still serves the file, verified
             log.warning("content cache: no local copy of %s: %s", path, exc)
         finally:
             with self._copy_lock:
-                self._copying.discard(digest)
+                self._copying.pop(digest).set()
 
     def _fetch_whole(self, live: LiveLayer, path: str, size: int) -> bytes:
         return self.table.read(live.num, path, 0, size) if size else b""
