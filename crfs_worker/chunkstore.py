@@ -265,20 +265,28 @@ class ChunkStore:
     @contextmanager
     def pinned(self, digests: Iterable[bytes]) -> Iterator[None]:
         """While in this block, eviction spares these chunks (a read is using them)."""
+        held = self.pin(digests)
+        try:
+            yield
+        finally:
+            self.unpin(held)
+
+    def pin(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Eviction spares these chunks until `unpin` of what this returns."""
         held = [d for d in digests if d is not None]
         with self._lock:
             for digest in held:
                 self._pins[digest] = self._pins.get(digest, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                for digest in held:
-                    left = self._pins[digest] - 1
-                    if left:
-                        self._pins[digest] = left
-                    else:
-                        del self._pins[digest]
+        return held
+
+    def unpin(self, held: Iterable[bytes]) -> None:
+        with self._lock:
+            for digest in held:
+                left = self._pins[digest] - 1
+                if left:
+                    self._pins[digest] = left
+                else:
+                    del self._pins[digest]
 
     def _write(self, digest: bytes, data: bytes) -> None:
         final = self._file(digest)

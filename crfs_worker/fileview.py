@@ -51,6 +51,39 @@ class ViewSource(Protocol):
     def listxattr(self, num: int, path: str) -> list[str]: ...
     def getxattr(self, num: int, path: str, name: str) -> bytes: ...
     def read(self, num: int, path: str, offset: int, size: int) -> bytes: ...
+    def hold_local(self, num: int, path: str) -> list[bytes] | None: ...
+    def release_local(self, held: list[bytes]) -> None: ...
+    def ensure_local(self, num: int, path: str, offset: int, size: int) -> None: ...
+
+
+# fuse-overlayfs reads a lower file in requests of at most this many bytes (its mount's
+# max_read), which the kernel may pass on to us in smaller pieces.
+SPLICE_REQUEST = 128 << 10
+
+
+def reads_by_splice(pid: int) -> bool:
+    """Whether the process opening a file is fuse-overlayfs. It answers a read that failed
+    after some bytes with a SHORT reply, which the kernel takes for the end of the file:
+    the rest of the container's read becomes zeros. (The kernel's overlayfs passes the
+    short read on as it is; crfs.so hands fuse-overlayfs O_DIRECT fds.)"""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as comm:
+            return comm.read().strip() == b"fuse-overlayfs"
+    except OSError:
+        return False
+
+
+@dataclass
+class OpenFile:
+    """An open file of the mount: its handle; the read stream that pushes pages ahead
+    (None for direct I/O); for fuse-overlayfs, the chunks held local while the file is
+    open, or `guarded`: every read first fetches what fuse-overlayfs's next pieces of the
+    same request will need, so that a failure fails the request's first piece."""
+
+    handle: FileHandle
+    stream: "ReadStream | None"
+    held: list[bytes] | None = None
+    guarded: bool = False
 
 
 def entry_attr(ino: int, st: EntryStat) -> NodeAttr:
@@ -297,7 +330,7 @@ class ViewOperations(pyfuse3.Operations):
         super().__init__()
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._lookups: dict[int, int] = {}  # the kernel's references, per inode
-        self._handles: dict[int, tuple[FileHandle, ReadStream | None]] = {}
+        self._handles: dict[int, OpenFile] = {}
         self.pusher = ReadAheadPusher(store)
         self._listings: dict[int, list[tuple[str, Node, NodeAttr]]] = {}
         self._next_fh = itertools.count(1)
@@ -439,10 +472,17 @@ class ViewOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         handle = await self._run(False, node.open, flags)
+        held, guarded = None, False
+        if isinstance(handle, LayerFileHandle) and reads_by_splice(ctx.pid):
+            # A file whose chunks are all local (held so while open) cannot fail a read.
+            # Any other is served direct, every piece reaching us, and guarded (OpenFile).
+            held = await self._run(False, handle.source.hold_local, handle.num, handle.path)
+            guarded = held is None
         fh = next(self._next_fh)
-        # An O_DIRECT reader never looks in the page cache: pushing pages would be waste.
-        self._handles[fh] = (handle, None if flags & os.O_DIRECT else ReadStream(inode))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A direct reader never looks in the page cache: pushing pages would be waste.
+        stream = None if guarded or flags & os.O_DIRECT else ReadStream(inode)
+        self._handles[fh] = OpenFile(handle, stream, held, guarded)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not guarded, direct_io=guarded)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         opened = self._handles.get(fh)
@@ -450,16 +490,25 @@ class ViewOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if size <= 0:
             return b""
-        handle, stream = opened
-        data: bytes = await self._run(True, handle.read, off, size)
-        if stream is not None:
-            self.pusher.note_read(stream, handle, off, size, len(data))
+        if opened.guarded:
+            await self._run(True, self._guard, opened.handle, off, size)
+        data: bytes = await self._run(True, opened.handle.read, off, size)
+        if opened.stream is not None:
+            self.pusher.note_read(opened.stream, opened.handle, off, size, len(data))
         return data
+
+    @staticmethod
+    def _guard(handle: "LayerFileHandle", off: int, size: int) -> None:
+        handle.source.ensure_local(handle.num, handle.path, off, size + SPLICE_REQUEST)
 
     async def release(self, fh: int) -> None:
         opened = self._handles.pop(fh, None)
-        if opened is not None and opened[1] is not None:
-            self.pusher.close(opened[1])
+        if opened is None:
+            return
+        if opened.stream is not None:
+            self.pusher.close(opened.stream)
+        if opened.held is not None and isinstance(opened.handle, LayerFileHandle):
+            opened.handle.source.release_local(opened.held)
 
     # ---- changes: only the layer store's `use` and release protocol (create, rmdir)
 

@@ -352,6 +352,28 @@ class LayerTable:
         chunks = live.call("chunks_for", path, 0, size)
         return bool(chunks) and all(c.digest is not None and self.store.has(c.digest, c.size) for c in chunks)
 
+    def hold_local(self, num: int, path: str) -> list[bytes] | None:
+        """If every chunk of the file is in the chunk store: those chunks, pinned (eviction
+        spares them until `release_local`), so that no read of the file can fail. Else None."""
+        live = self.get(num)
+        chunks = live.call("chunks_for", path, 0, live.call("stat", path).size)
+        if not chunks or any(c.digest is None for c in chunks):
+            return None
+        held = self.store.pin(c.digest for c in chunks)
+        if all(self.store.has(c.digest, c.size) for c in chunks):
+            return held
+        self.store.unpin(held)
+        return None
+
+    def release_local(self, held: list[bytes]) -> None:
+        self.store.unpin(held)
+
+    def ensure_local(self, num: int, path: str, offset: int, size: int) -> None:
+        """Fetches (verified) what a read of [offset, offset+size) needs, reading nothing;
+        raises what that read would raise."""
+        live = self.get(num)
+        self.fetcher.ensure(live, live.call("chunks_for", path, offset, size), on_demand=True)
+
     def whole_file_chunk(self, live: LiveLayer, path: str, size: int) -> Any | None:
         """The file's only chunk, if one digested chunk holds the whole file."""
         chunks = live.call("chunks_for", path, 0, size)

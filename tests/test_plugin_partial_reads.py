@@ -123,15 +123,13 @@ def _plain_overlay_over_view(worker: Crfs, base: Path) -> Path:
     return merged
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, store path with plain fuse-overlayfs: a read that "
-                   "fails part-way comes back as zeros (docs/FAILURES.md); crfs.so's path is not affected")
 def test_plain_fuse_overlayfs_over_the_tree_gets_an_error_not_zeros(
         image: PrefetchImage, crfs: Callable[..., Crfs], tmp_path: Path) -> None:
     """The store path with plain fuse-overlayfs (no crfs.so): it opens a tree file whose
-    first chunk is in the page cache, and the next chunk fails. Serving such files with
-    direct I/O was tried and is not enough: after the failed 128 KiB read the kernel reads
-    page by page, the pages before the failed chunk succeed, and fuse-overlayfs answers
-    the container's read short all the same."""
+    first chunk is in the page cache, and the next chunk fails. Direct I/O alone is not
+    enough (after the failed 128 KiB read the kernel reads page by page, the pages before
+    the failed chunk succeed and fuse-overlayfs answers short all the same): each read of
+    such a file first fetches what the next 128 KiB need (fileview.OpenFile.guarded)."""
     worker = crfs("--no-background-fetch", CRFS_FETCH_COALESCE="0", CRFS_FETCH_READ_AHEAD="0",
                   CRFS_FETCH_ATTEMPTS="1")
     worker.mount()  # starts the worker and loads the layers into its view
