@@ -8,7 +8,8 @@ part of a throughput).
 - cold: the first read, just after a lazy pull with a fresh worker over empty caches,
   for both crfs paths (store, plugin), on loopback and on the emulated link; against
   `curl` of the file's eStargz layer blob over the same link.
-- warm: a second container reading the same file (the worker holds its chunks); against
+- warm: a second container reading the same file (the worker holds its chunks, and once
+  `crfs stats` shows no local copy being written: the worker's steady state); against
   the same file in the gzip image pulled by podman, read through fuse-overlayfs over the
   unpacked layers, also in a second container (page cache warm for both).
 """
@@ -50,7 +51,9 @@ def crfs_reads(pod: Podman, net: Network, image: BenchImage, link: str, path: st
     try:
         pod.cold_worker()
         ref = image.ref(net.netloc(link), "esgz")
-        return _read_rate(pod, root, ref), _read_rate(pod, root, ref)
+        cold = _read_rate(pod, root, ref)
+        pod.settle()  # warm = the worker's steady state: a local copy it writes is done
+        return cold, _read_rate(pod, root, ref)
     finally:
         pod.discard(root)
 

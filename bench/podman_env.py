@@ -217,6 +217,16 @@ class Podman:
         if not self.user.store_mounted():
             raise BenchError(f"the worker does not serve {self.user.store}: {self.user.worker_log()}")
 
+    def settle(self, timeout: float = 120) -> None:
+        """Waits until the worker writes no local copy (crfs stats): its steady state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = json.loads(self.user.run([str(PYTHON), "-m", "crfs_worker.cli", "stats", "--json"]).stdout)
+            if not sum(row.get("copying", 0) for row in rows):
+                return
+            time.sleep(0.2)
+        raise BenchError(f"the worker was still writing local copies after {timeout:.0f} s")
+
     def counters(self) -> Counters:
         rows = json.loads(self.user.run([str(PYTHON), "-m", "crfs_worker.cli", "stats", "--json"]).stdout)
         return Counters(sum(r["fetched"] for r in rows), sum(r["requests"] for r in rows),

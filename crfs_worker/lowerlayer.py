@@ -444,7 +444,8 @@ class LowerLayerService:
     small_file_limit: int = SMALL_FILE_LIMIT
     access_log: AccessLog = field(default_factory=AccessLog)  # `crfs optimize` recordings
     local_copy_budget: int = LOCAL_COPY_BUDGET  # no local copy once the content cache holds this much
-    _copying: dict[str, threading.Event] = field(default_factory=dict, init=False, repr=False)
+    # Local copies being written: digest -> (done, layer number).
+    _copying: dict[str, tuple[threading.Event, int]] = field(default_factory=dict, init=False, repr=False)
     _copy_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -651,7 +652,7 @@ class LowerLayerService:
         if digest is None:
             return None
         with self._copy_lock:
-            copying = self._copying.get(digest)
+            copying = self._copying.get(digest, (None, 0))[0]
         if copying is not None:
             # A copy being written (the previous container just read the file to its end)
             # is ready sooner than the O_DIRECT view would serve the file.
@@ -681,7 +682,7 @@ class LowerLayerService:
         with self._copy_lock:
             if digest in self._copying:
                 return
-            self._copying[digest] = threading.Event()
+            self._copying[digest] = (threading.Event(), live.num)
         threading.Thread(target=self._copy_local, args=(live, path, st.size, digest),
                          name="crfs-local-copy", daemon=True).start()
 
@@ -697,7 +698,7 @@ class LowerLayerService:
             log.warning("content cache: no local copy of %s: %s", path, exc)
         finally:
             with self._copy_lock:
-                self._copying.pop(digest).set()
+                self._copying.pop(digest)[0].set()
 
     def _fetch_whole(self, live: LiveLayer, path: str, size: int) -> bytes:
         return self.table.read(live.num, path, 0, size) if size else b""
@@ -716,6 +717,8 @@ class LowerLayerService:
                     "rounds": live.stats.rounds,
                     "failures": live.stats.verification_failures,
                 }
+            with self._copy_lock:
+                row["copying"] = sum(1 for _, num in self._copying.values() if num == live.num)
             row["cached"] = local + self.cache.total_bytes(digests)
             row["background"] = live.background.as_dict()
             row["prefetch"] = live.prefetch.as_dict()

@@ -37,6 +37,8 @@ def test_a_big_file_read_to_its_end_is_served_from_a_local_copy(image: PrefetchI
     first = worker.mount(name="first")
     assert (first / "data/big.bin").read_bytes() == BIG
     worker.wait_for(copy.exists, "the local copy of big.bin")
+    # `crfs stats` tells when no copy is being written (what bench/b2 waits for).
+    worker.wait_for(lambda: sum(row["copying"] for row in worker.stats()) == 0, "the copy to be reported done")
     assert copy.read_bytes() == BIG
     assert copy.stat().st_mode & 0o777 == 0o600
 
