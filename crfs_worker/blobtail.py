@@ -18,12 +18,11 @@ import logging
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blob import BlobReader
-from .dirs import ensure_private_dir
+from .dirs import ensure_private_dir, new_private_file, write_all
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +91,8 @@ class TailKeepingBlob:
         self._tail, self._loaded = data, True
         try:
             ensure_private_dir(self.path.parent)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")  # created 0600
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+            with new_private_file(self.path.parent) as (fd, tmp):
+                write_all(fd, data)
                 os.rename(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            finally:
-                os.close(fd)
         except OSError as exc:
             log.info("%s: footer not kept at %s: %s", self.name, self.path, exc)

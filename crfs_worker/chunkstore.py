@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .dirs import ensure_private_dir
+from .dirs import ensure_private_dir, new_private_file, write_all
 from .errors import CrfsError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -291,21 +290,10 @@ class ChunkStore:
     def _write(self, digest: bytes, data: bytes) -> None:
         final = self._file(digest)
         self._ensure_fanout(Path(final).parent)
-        fd, tmp = tempfile.mkstemp(dir=self._tmp_dir, prefix="chunk-")  # created 0600
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+        with new_private_file(self._tmp_dir, "chunk-") as (fd, tmp):
+            write_all(fd, data)
             os.rename(tmp, final)
             self._verified.remember(digest, fd)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        finally:
-            os.close(fd)
 
     def _ensure_fanout(self, directory: Path) -> None:
         with self._lock:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .chunkstore import VerifiedFiles
-from .dirs import cache_dir, ensure_private_dir
+from .dirs import cache_dir, ensure_private_dir, new_private_file, write_all
 from .errors import CrfsError, VerificationError
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -96,49 +95,27 @@ class ContentCache:
             if fd is not None:
                 os.close(fd)
                 return False
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")  # created 0600
-            try:
+            with new_private_file(self.root) as (fd, tmp):
                 hasher, written = hashlib.sha256(), 0
                 for piece in pieces:
                     hasher.update(piece)
                     written += len(piece)
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    write_all(fd, piece)
                 if written != size or "sha256:" + hasher.hexdigest() != digest:
                     raise VerificationError(f"content cache: assembled bytes do not match {digest}")
                 os.replace(tmp, self.path_for(digest))
                 self._verified.remember(bytes.fromhex(digest[7:]), fd)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-            finally:
-                os.close(fd)
             return True
 
     def _store(self, digest: str, size: int, data: bytes) -> int:
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise VerificationError(f"content cache: fetched bytes do not match {digest}")
         final = self.path_for(digest)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")  # created 0600
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+        with new_private_file(self.root) as (fd, tmp):
+            write_all(fd, data)
             os.replace(tmp, final)
             self._verified.remember(bytes.fromhex(digest[7:]), fd)
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         # Reopen read-only: the writer's fd must not reach fuse-overlayfs.
-        os.close(fd)
         return os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
     def _lock_for(self, digest: str) -> threading.Lock:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import CrfsError
 
@@ -23,6 +26,31 @@ def ensure_private_dir(path: Path) -> Path:
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+@contextmanager
+def new_private_file(directory: Path | str, prefix: str = ".tmp-") -> Iterator[tuple[int, str]]:
+    """(fd, path) of a new 0600 file in `directory`, for the block to write and rename
+    into place: a name is given only to complete files. The file is removed if the block
+    fails; the fd is closed when it ends."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
+    try:
+        yield fd, tmp
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def cache_dir() -> Path:

@@ -18,13 +18,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .dirs import ensure_private_dir, runtime_dir
+from .dirs import ensure_private_dir, new_private_file, runtime_dir, write_all
 from .errors import CrfsError, FormatError
 from .image import LayerDescriptor, layer_descriptors, parse_platform, select_manifest
 from .imagestore import ImageLocation, open_location
@@ -103,17 +102,9 @@ def key_for(name: str) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+    with new_private_file(path.parent) as (fd, tmp):
+        write_all(fd, data)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 @dataclass
