@@ -476,7 +476,7 @@ class ViewOperations(pyfuse3.Operations):
         if isinstance(handle, LayerFileHandle) and reads_by_splice(ctx.pid):
             # A file whose chunks are all local (held so while open) cannot fail a read.
             # Any other is served direct, every piece reaching us, and guarded (OpenFile).
-            held = await self._run(False, handle.source.hold_local, handle.num, handle.path)
+            held = await self._run(True, handle.source.hold_local, handle.num, handle.path)
             guarded = held is None
         fh = next(self._next_fh)
         # A direct reader never looks in the page cache: pushing pages would be waste.

@@ -16,6 +16,7 @@ fuse-overlayfs understands as they are.
 from __future__ import annotations
 
 import errno
+from collections import OrderedDict
 import fcntl
 import logging
 import os
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 SMALL_FILE_LIMIT = 1 << 20  # files up to this size are fetched whole into the content cache
 LOCAL_COPY_BUDGET = 8 << 30  # bigger files read to their end get a local copy while the content cache is below this
 LOCAL_COPY_PIECE = 4 << 20
+VIEW_FILES_KEPT = 4096       # big files handed to crfs.so that are remembered for local copies
 LOCAL_COPY_WAIT = 30.0       # seconds an open waits for a local copy being written
 # eStargz prefetch markers at a layer's root: format artifacts, not image content.
 LANDMARKS = frozenset((".prefetch.landmark", ".no.prefetch.landmark"))
@@ -347,11 +349,6 @@ class LayerTable:
             self.read_to_end(live, path)
         return data
 
-    def all_local(self, live: LiveLayer, path: str, size: int) -> bool:
-        """Whether every chunk of the file is in the chunk store (cheap: not hashed)."""
-        chunks = live.call("chunks_for", path, 0, size)
-        return bool(chunks) and all(c.digest is not None and self.store.has(c.digest, c.size) for c in chunks)
-
     def hold_local(self, num: int, path: str) -> list[bytes] | None:
         """If every chunk of the file is in the chunk store: those chunks, pinned (eviction
         spares them until `release_local`), so that no read of the file can fail. Else None."""
@@ -447,6 +444,9 @@ class LowerLayerService:
     # Local copies being written: digest -> (done, layer number).
     _copying: dict[str, tuple[threading.Event, int]] = field(default_factory=dict, init=False, repr=False)
     _copy_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # Big files handed to crfs.so as view fds (layer number, path), the newest last: only
+    # those get local copies (the layer store's readers cannot use them).
+    _view_files: OrderedDict[tuple[int, str], None] = field(default_factory=OrderedDict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.table.read_to_end = self._copy_when_local
@@ -576,7 +576,8 @@ class LowerLayerService:
             return {}, self._stand_in_fd(live, path)
         if stat.S_ISFIFO(st.mode):
             flags |= os.O_NONBLOCK  # a FIFO open without a writer would block this thread for ever
-        if self._wants_local_copy(live, path, st, flags):
+        wants_copy = self._wants_local_copy(live, path, st, flags)
+        if wants_copy:
             fd = self._local_copy_fd(live, path, st)
             if fd is not None:
                 return {}, fd
@@ -589,6 +590,8 @@ class LowerLayerService:
             # rest of fuse-overlayfs's request with zeros and keeps them: wrong bytes
             # (tests/test_plugin_partial_reads.py). Warm reads come from local copies.
             flags |= os.O_DIRECT
+            if wants_copy:
+                self._note_view_file(live.num, path)
         # Opening on the view fetches nothing; the kernel's reads fetch chunks.
         return {}, self.view.open(live.num, parts, flags)
 
@@ -662,6 +665,13 @@ class LowerLayerService:
             live.stats.count_cached(digest)
         return fd
 
+    def _note_view_file(self, num: int, path: str) -> None:
+        with self._copy_lock:
+            self._view_files[(num, path)] = None
+            self._view_files.move_to_end((num, path))
+            while len(self._view_files) > VIEW_FILES_KEPT:
+                self._view_files.popitem(last=False)
+
     def _copy_when_local(self, live: LiveLayer, path: str) -> None:
         """LayerTable.read reached the end of `path`: if the file is big and every one of
         its chunks is local, copy it into the content cache in the background, so that
@@ -669,12 +679,18 @@ class LowerLayerService:
         an O_DIRECT view fd. Bounded: no copy once the content cache holds local_copy_budget
         bytes; a copy doubles the disk the file takes (its chunks stay: other layers and
         the view may use them)."""
-        st = self.table.stat(live.num, path)
-        if not stat.S_ISREG(st.mode) or st.size <= self.small_file_limit or self.table.listxattr(live.num, path):
-            return
+        with self._copy_lock:
+            if (live.num, path) not in self._view_files:
+                return  # not read through crfs.so (the layer store, the CLI): no use for a copy
         digest = live.file_digest(path)
         if digest is None:
             return
+        with self._copy_lock:
+            if digest in self._copying:
+                return
+        if self.cache.path_for(digest).exists():
+            return  # made already
+        st = self.table.stat(live.num, path)
         # Bounded by what the content cache holds on disk, whoever made it (a scan: this
         # runs once per big file read to its end).
         if self.cache.disk_bytes() + st.size > self.local_copy_budget:
@@ -688,12 +704,16 @@ class LowerLayerService:
 
     def _copy_local(self, live: LiveLayer, path: str, size: int, digest: str) -> None:
         try:
-            if not self.table.all_local(live, path, size):
+            held = self.table.hold_local(live.num, path)  # evictions must not make the copy fetch
+            if held is None:
                 return  # a copy would fetch: the reader left some chunks unread
-            pieces = (self.table.read(live.num, path, offset, min(LOCAL_COPY_PIECE, size - offset))
-                      for offset in range(0, size, LOCAL_COPY_PIECE))
-            if self.cache.put_pieces(digest, size, pieces):
-                log.info("content cache: local copy of %s (%d bytes)", path, size)
+            try:
+                pieces = (self.table.read(live.num, path, offset, min(LOCAL_COPY_PIECE, size - offset))
+                          for offset in range(0, size, LOCAL_COPY_PIECE))
+                if self.cache.put_pieces(digest, size, pieces):
+                    log.info("content cache: local copy of %s (%d bytes)", path, size)
+            finally:
+                self.table.release_local(held)
         except (CrfsError, OSError) as exc:  # the view still serves the file, verified
             log.warning("content cache: no local copy of %s: %s", path, exc)
         finally:

@@ -82,12 +82,11 @@ class FetchOptions:
         env = os.environ if env is None else env
         defaults = cls()
         enabled = _env_bool(env, "CRFS_BACKGROUND_FETCH", defaults.background)
-        ahead = defaults.ahead
         ahead = replace(
-            ahead,
-            coalesce=int(_env_number(env, "CRFS_FETCH_COALESCE", ahead.coalesce, 0)),
-            read_ahead=int(_env_number(env, "CRFS_FETCH_READ_AHEAD", ahead.read_ahead, 0)),
-            parallel=int(_env_number(env, "CRFS_FETCH_PARALLEL", ahead.parallel, 1)),
+            defaults.ahead,
+            coalesce=int(_env_number(env, "CRFS_FETCH_COALESCE", defaults.ahead.coalesce, 0)),
+            read_ahead=int(_env_number(env, "CRFS_FETCH_READ_AHEAD", defaults.ahead.read_ahead, 0)),
+            parallel=int(_env_number(env, "CRFS_FETCH_PARALLEL", defaults.ahead.parallel, 1)),
         )
         return cls(
             background=enabled if background is None else background,

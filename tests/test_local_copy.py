@@ -61,3 +61,17 @@ def test_a_big_file_read_only_in_part_gets_no_copy(image: PrefetchImage, crfs: C
         assert str(copy) not in fds
         assert reader.read() == BIG
     worker.wait_for(copy.exists, "the local copy of big.bin")
+
+
+def test_a_file_not_read_through_crfs_so_gets_no_copy(image: PrefetchImage, crfs: Callable[..., Crfs]) -> None:
+    """Only crfs.so's opens can use a copy: a whole read through the worker's tree itself
+    (what the layer store's readers do) starts none. A copy is registered before the read
+    that triggers it returns, so this needs no waiting."""
+    worker = crfs("--no-background-fetch")
+    copy = worker.cache / "content" / f"sha256-{hashlib.sha256(BIG).hexdigest()}"
+    worker.mount()  # loads the layers into the worker's view
+    view = worker.runtime / "view"
+    num = next(n for n in os.listdir(view) if (view / n / "data/big.bin").exists())
+    assert (view / num / "data/big.bin").read_bytes() == BIG
+    assert sum(row["copying"] for row in worker.stats()) == 0
+    assert not copy.exists()
