@@ -1818,8 +1818,9 @@ free_stream (struct listing_stream *s)
 }
 
 /* A stream entry for DIRP, if any, is stale: DIRP was just allocated, so that stream's
- * DIR was freed by libc closedir (create_missing_whiteouts) and its address reused.
- * Its DIR is not ours to close any more. cache_lock held. */
+ * DIR was freed behind our back and its address reused. Defensive only: listing streams
+ * go to load_dir, which closes them with ds->closedir (see crfs_opendir), and no
+ * fuse-overlayfs 1.10-1.16 path frees one with libc closedir. cache_lock held. */
 static void
 forget_stale_stream_locked (DIR *dirp)
 {
