@@ -24,20 +24,18 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .dirs import ensure_private_dir, new_private_file, write_all
+from .dirs import ensure_private_dir, new_private_file, remove_stale_temps, write_all
 from .errors import CrfsError, VerificationError
 
 log = logging.getLogger(__name__)
 
 DIGEST_BYTES = 32          # sha256
-STALE_TEMP_SECONDS = 3600  # a temp file this old belongs to a writer that died
 _HASH_PIECE = 1 << 20
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -161,7 +159,7 @@ class ChunkStore:
         ensure_private_dir(self.root)
         ensure_private_dir(self.root / "sha256")
         ensure_private_dir(self.root / "tmp")
-        self._remove_stale_temps()
+        remove_stale_temps(self.root / "tmp")
         self._load_recency()
 
     @property
@@ -371,12 +369,3 @@ class ChunkStore:
             except FileNotFoundError:
                 pass
 
-    def _remove_stale_temps(self) -> None:
-        # Another worker (another runtime dir) may share this store: leave fresh temps alone.
-        cutoff = time.time() - STALE_TEMP_SECONDS
-        for entry in os.scandir(self.root / "tmp"):
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
-            except FileNotFoundError:
-                continue

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .chunkstore import VerifiedFiles
-from .dirs import cache_dir, ensure_private_dir, new_private_file, write_all
+from .dirs import cache_dir, ensure_private_dir, new_private_file, remove_stale_temps, write_all
 from .errors import CrfsError, VerificationError
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -45,6 +45,7 @@ class ContentCache:
 
     def __post_init__(self) -> None:
         ensure_private_dir(self.root)
+        remove_stale_temps(self.root, ".tmp-")  # a copy cut short by a killed worker
 
     @classmethod
     def default(cls) -> "ContentCache":

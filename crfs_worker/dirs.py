@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +45,23 @@ def new_private_file(directory: Path | str, prefix: str = ".tmp-") -> Iterator[t
         raise
     finally:
         os.close(fd)
+
+
+STALE_TEMP_SECONDS = 3600  # a temp file this old belongs to a writer that died
+
+
+def remove_stale_temps(directory: Path, prefix: str = "") -> None:
+    """Removes files named PREFIX... left by writers that died (older than an hour).
+    Another process (another worker, the CLI) may share the directory: fresh ones stay."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for entry in os.scandir(directory):
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -16,7 +16,9 @@ from typing import Any, Callable
 import pytest
 
 from crfs_worker.chunkfetch import FetchGate, plan_spans, spans_for
-from crfs_worker.chunkstore import STALE_TEMP_SECONDS, ChunkStore
+from crfs_worker.chunkstore import ChunkStore
+from crfs_worker.contentcache import ContentCache
+from crfs_worker.dirs import STALE_TEMP_SECONDS
 from crfs_worker.errors import VerificationError
 from crfs_worker.layerkeys import KeyStore, LayerRecord
 from crfs_worker.lowerlayer import LayerTable
@@ -111,15 +113,21 @@ def test_files_others_could_have_written_are_refused(tmp_path: Path) -> None:
 
 
 def test_stale_temps_are_removed_fresh_ones_kept(tmp_path: Path) -> None:
+    """A worker killed while writing a chunk or a local copy leaves a temp file: an hour
+    old, it goes when a store or content cache opens; a fresh one may be another
+    process's and stays."""
     ChunkStore(tmp_path / "chunks")
-    old = tmp_path / "chunks/tmp/chunk-old"
-    fresh = tmp_path / "chunks/tmp/chunk-fresh"
-    old.write_bytes(b"a")
-    fresh.write_bytes(b"b")
+    ContentCache(tmp_path / "content")
+    old = [tmp_path / "chunks/tmp/chunk-old", tmp_path / "content/.tmp-old"]
+    fresh = [tmp_path / "chunks/tmp/chunk-fresh", tmp_path / "content/.tmp-fresh"]
+    for path in old + fresh:
+        path.write_bytes(b"partial")
     past = time.time() - STALE_TEMP_SECONDS - 60
-    os.utime(old, (past, past))
+    for path in old:
+        os.utime(path, (past, past))
     ChunkStore(tmp_path / "chunks")  # another worker start
-    assert not old.exists() and fresh.exists()
+    ContentCache(tmp_path / "content")
+    assert [path.exists() for path in old + fresh] == [False, False, True, True]
 
 
 # ------------------------------------------------------------------ planning and priority
@@ -370,3 +378,4 @@ def test_prefetch_is_one_request_for_the_prioritised_range(tables: Tables) -> No
     assert len(mem.reads) == opened + 1  # prioritised files come from the store
     assert table.read(num, "a/later", 0, 10) == b"3" * 10
     assert len(mem.reads) == opened + 2
+
