@@ -90,23 +90,26 @@ class ContentCache:
     def put_pieces(self, digest: str, size: int, pieces: Iterable[bytes]) -> bool:
         """Writes the file from `pieces` (in order), hashing as it goes, without holding it
         in memory; the file gets its name only if the bytes match `digest`. False if it was
-        already cached. VerificationError if the bytes do not match (nothing is kept)."""
+        already cached. VerificationError if the bytes do not match (nothing is kept).
+        The digest's lock (shared with other digests) is held only to look and to rename:
+        a big copy must not hold up opens of small files."""
         with self._lock_for(digest):
             fd = self.open(digest, size)
             if fd is not None:
                 os.close(fd)
                 return False
-            with new_private_file(self.root) as (fd, tmp):
-                hasher, written = hashlib.sha256(), 0
-                for piece in pieces:
-                    hasher.update(piece)
-                    written += len(piece)
-                    write_all(fd, piece)
-                if written != size or "sha256:" + hasher.hexdigest() != digest:
-                    raise VerificationError(f"content cache: assembled bytes do not match {digest}")
+        with new_private_file(self.root) as (fd, tmp):
+            hasher, written = hashlib.sha256(), 0
+            for piece in pieces:
+                hasher.update(piece)
+                written += len(piece)
+                write_all(fd, piece)
+            if written != size or "sha256:" + hasher.hexdigest() != digest:
+                raise VerificationError(f"content cache: assembled bytes do not match {digest}")
+            with self._lock_for(digest):  # the same bytes if another writer came first
                 os.replace(tmp, self.path_for(digest))
                 self._verified.remember(bytes.fromhex(digest[7:]), fd)
-            return True
+        return True
 
     def _store(self, digest: str, size: int, data: bytes) -> int:
         if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:

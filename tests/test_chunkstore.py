@@ -379,3 +379,15 @@ def test_prefetch_is_one_request_for_the_prioritised_range(tables: Tables) -> No
     assert table.read(num, "a/later", 0, 10) == b"3" * 10
     assert len(mem.reads) == opened + 2
 
+
+
+def test_content_cache_names_a_file_from_pieces_only_if_they_match(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "content")
+    data = os.urandom(3 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with pytest.raises(VerificationError):
+        cache.put_pieces(digest, len(data), [data[:1 << 20], bytes(1 << 20), data[2 << 20:]])
+    assert list((tmp_path / "content").iterdir()) == []  # neither the file nor a temp
+    assert cache.put_pieces(digest, len(data), (data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)))
+    assert cache.path_for(digest).read_bytes() == data
+    assert not cache.put_pieces(digest, len(data), [data])  # cached already
