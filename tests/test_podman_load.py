@@ -41,6 +41,7 @@ from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
 from tests.support.podman import (
     NEEDS_ROOT_AND_PODMAN,
+    wait_until,
     PATHS,
     PLUGIN_LINE,
     E2EImages,
@@ -284,10 +285,7 @@ def _plans(contents: dict[str, bytes], seed: int) -> dict[str, list[list[list[ob
 
 
 def _wait(condition: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}: {detail()}"
-        time.sleep(0.2)
+    wait_until(condition, what, DEADLINE, detail)
 
 
 def _running(user: PodmanUser, root: PodmanRoot, names: list[str]) -> bool:

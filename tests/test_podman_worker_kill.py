@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.podman import (
     NEEDS_ROOT_AND_PODMAN,
+    wait_until,
     e2e_images,
     PLUGIN_LINE,
     WRAPPER,
@@ -113,10 +114,7 @@ def _checksums(tarball: Path, names: tuple[str, ...]) -> dict[str, tuple[str, in
 
 
 def _wait(condition: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}: {detail()}"
-        time.sleep(0.2)
+    wait_until(condition, what, DEADLINE, detail)
 
 
 def _lines(user: PodmanUser, root: PodmanRoot, container: str, check: bool = True) -> list[str]:

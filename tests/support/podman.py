@@ -25,7 +25,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 
@@ -458,3 +458,12 @@ def e2e_images(user: PodmanUser, work: Path, registry_dir: Path) -> Iterator[E2E
         yield prepare_images(user, registry, debootstrap_tarball(), work)
     finally:
         registry.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float,
+               detail: Callable[[], str] = lambda: "") -> None:
+    """Polls `condition` until it holds; fails naming `what` (and `detail()`) after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}: {detail()}"
+        time.sleep(0.2)
