@@ -262,3 +262,18 @@ def test_without_update_a_run_replaces_the_results(tmp_path: Path) -> None:
     report.write(tmp_path, Run(["B1"], machine, 3), [_figure("B1", "b1", 0.9)], [], {})
     data = json.loads((tmp_path / "results.json").read_text())
     assert [f["bench"] for f in data["figures"]] == ["B1"]
+
+
+def test_verify_floor_inflates_every_member_across_read_boundaries() -> None:
+    """The B2 floor must do the whole work: every gzip member, also those that start or
+    end inside a read (pieces of 1000 bytes against members of ~3 KiB)."""
+    import gzip
+    import hashlib
+
+    from bench.b2_throughput import inflate_and_hash
+
+    plain = [os.urandom(3000 + n) for n in range(7)] + [b"a" * 50_000]
+    blob = b"".join(gzip.compress(part) for part in plain)
+    assert inflate_and_hash(blob, piece=1000) == hashlib.sha256(b"".join(plain)).digest()
+    assert inflate_and_hash(blob[:-len(gzip.compress(plain[-1]))], piece=1000) != \
+        hashlib.sha256(b"".join(plain)).digest()
