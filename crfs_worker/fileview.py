@@ -35,6 +35,7 @@ from .errors import CrfsError
 from .fusetree import ATTR_TIMEOUT, BaseNode, FileHandle, Node, NodeAttr, fs_error, refuse_writes
 from .layer import EntryStat
 from .layerkeys import compose_ino
+from .readrun import ReadRun
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ class ReadStream:
     """How one open file is being read: a sequential run, and how far pages were pushed."""
 
     inode: int
-    run_end: int = 0
-    run_bytes: int = 0
+    run: ReadRun = field(default_factory=ReadRun)
     queued_to: int = 0    # pieces below this offset are pushed or being pushed
     closed: bool = False  # released, or a push failed: push no more
 
@@ -233,18 +233,13 @@ class ReadAheadPusher:
         being read sequentially and the queued pages are running out."""
         end = offset + got
         with self._lock:
-            # Reads continue the run from its last read up to past the queued pages (the
-            # kernel asks again only where the pushed pages end).
-            if stream.run_end - RUN_SLACK <= offset <= max(stream.run_end, stream.queued_to) + RUN_SLACK:
-                stream.run_bytes += got
-                stream.run_end = max(stream.run_end, end)
-            else:
-                stream.run_bytes, stream.run_end = got, end
+            # The reader skips the queued pages: a read up to past them continues the run.
+            stream.run.note(offset, got, RUN_SLACK, reach=stream.queued_to)
             # As far ahead as the run is long (up to PUSH_AHEAD): a reader that stops early
             # makes the worker fetch at most about as much again as it read.
-            ahead = min(PUSH_AHEAD, max(PUSH_PIECE, stream.run_bytes))
+            ahead = min(PUSH_AHEAD, max(PUSH_PIECE, stream.run.length))
             if (self._stopped or stream.closed or got < asked  # end of file
-                    or stream.run_bytes < PUSH_AFTER or stream.queued_to >= end + ahead // 2):
+                    or stream.run.length < PUSH_AFTER or stream.queued_to >= end + ahead // 2):
                 return
             start, limit = max(stream.queued_to, end - end % PAGE), end + ahead
             stream.queued_to = limit

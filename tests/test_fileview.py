@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class BothTrees(BaseNode):
 
 @dataclass
 class Mounted:
+    view: FileView
     mountpoint: Path
     view_layers: CountingLayers
     diff_layers: CountingLayers
@@ -120,7 +122,7 @@ def mounted() -> Iterator[Mounted]:
     view = FileView(BothTrees(view_layers, diff_layers, num), base / "mnt")
     view.mount()
     try:
-        yield Mounted(base / "mnt", view_layers, diff_layers, num)
+        yield Mounted(view, base / "mnt", view_layers, diff_layers, num)
     finally:
         view.unmount()
         table.close()
@@ -181,11 +183,14 @@ def test_diff_tree_xattrs_are_read_once_per_node(mounted: Mounted) -> None:
             assert os.getxattr(opq, name) == b"y"
         with pytest.raises(OSError) as hidden:
             os.getxattr(opq, "user.fuseoverlayfs.opaque")
-        assert hidden.value.errno == errno.ENODATA
+        assert hidden.value.errno == errno.EOPNOTSUPP  # the tree carries no overlay xattrs
         assert os.getxattr(passwd, "user.origin") == b"tar"
         with pytest.raises(OSError) as absent:
             os.getxattr(passwd, "trusted.overlay.opaque")
-        assert absent.value.errno == errno.ENODATA
+        assert absent.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(OSError) as other:
+            os.getxattr(passwd, "user.absent")
+        assert other.value.errno == errno.ENODATA
     assert sorted(os.listxattr(opq)) == ["trusted.overlay.opaque", "user.overlay.opaque"]
     assert sorted(os.listxattr(passwd)) == ["user.origin", "user.other"]
     assert mounted.in_diff("exists", "opq/.wh..wh..opq") == 1
@@ -200,8 +205,37 @@ def test_origin_probes_on_a_diff_tree_ask_nothing(mounted: Mounted) -> None:
     for name in ("trusted.overlay.origin", "user.fuseoverlayfs.origin"):
         with pytest.raises(OSError) as absent:
             os.getxattr(plain, name)
-        assert absent.value.errno == errno.ENODATA
+        assert absent.value.errno == errno.EOPNOTSUPP
     assert not [call for call in mounted.diff_layers.calls if call[1] == "etc/plain" and "xattr" in call[0]]
+
+
+def test_fuse_overlayfs_asks_one_opaque_xattr_per_directory(mounted: Mounted, tmp_path: Path) -> None:
+    # fuse-overlayfs asks trusted.overlay.opaque, then (on ENODATA only) user.overlay.opaque
+    # and user.fuseoverlayfs.opaque of every directory it merges, each a FUSE request the
+    # kernel never keeps. ENOTSUP for the first makes it go on to `.wh..wh..opq`.
+    operations = mounted.view.operations
+    assert operations is not None
+    asked: Counter[bytes] = Counter()
+    real_getxattr = operations.getxattr
+
+    async def counting_getxattr(inode: int, name: bytes, ctx: Any) -> bytes:
+        asked[name] += 1
+        return await real_getxattr(inode, name, ctx)
+    operations.getxattr = counting_getxattr  # type: ignore[method-assign]
+    merged, upper, work = tmp_path / "m", tmp_path / "u", tmp_path / "w"
+    for directory in (merged, upper, work):
+        directory.mkdir()
+    subprocess.run(["fuse-overlayfs", "-o", f"fast_ino=1,lowerdir={mounted.diff},upperdir={upper},workdir={work}",
+                    str(merged)], check=True, capture_output=True)
+    try:
+        assert sorted(os.listdir(merged / "etc")) == ["passwd", "plain"]
+        assert sorted(os.listdir(merged / "opq")) == ["kept"]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(merged)], check=True)
+        operations.getxattr = real_getxattr  # type: ignore[method-assign]
+    assert asked[b"trusted.overlay.opaque"] >= 3  # root, etc, opq
+    assert asked[b"user.overlay.opaque"] == 0
+    assert asked[b"user.fuseoverlayfs.opaque"] == 0
 
 
 def test_layer_view_xattrs_are_all_shown_and_read_once(mounted: Mounted) -> None:
