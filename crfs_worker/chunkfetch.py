@@ -7,21 +7,25 @@ prefetch, the background fetch) comes here, so that:
   fetches, the others wait for it and then read the store);
 - it is verified (`decode`) before it is stored, and stored before anyone reads it;
 - on-demand reads go first: background fetches start a request only while no on-demand
-  fetch is running (`FetchGate`).
+  fetch is running (`FetchGate`);
+- a streamed range (the mount-time prefetch, `stream_span`) lands each chunk as soon as its
+  bytes are in; if the stream fails, the chunks it has not landed are released, and their
+  waiters fetch them on demand instead of sharing its failure.
 Chunks without a digest (legacy stargz, only with --allow-unverified) cannot be stored by
 digest: they are single-flighted per layer and kept in a small memory cache instead.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
 
-from .blob import BlobReader
+from .blob import BlobReader, stream_range
 from .chunkstore import ChunkStore, StoreFullError
 from .errors import CrfsError
 
@@ -179,6 +183,7 @@ class _Flight:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     data: bytes | None = None  # kept only for chunks the store cannot hold
+    released: bool = False  # given up unfetched: a waiter fetches the chunk itself
 
 
 def _same_error(error: BaseException) -> BaseException:
@@ -241,19 +246,35 @@ class ChunkFetcher:
     _reads: "OrderedDict[tuple[int, int], _ReadState]" = field(
         default_factory=OrderedDict, init=False, repr=False)
     _executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _detached: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pending: set["Future[None]"] = field(default_factory=set, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
 
     def close(self) -> None:
-        """No more read-ahead; fetches already started finish (their readers wait for them)."""
+        """No more read-ahead or detached work; fetches already started finish (their
+        readers wait for them), streams stop at their next piece (releasing their claims)."""
         with self._lock:
-            executor, self._executor, self._closed = self._executor, None, True
-        if executor is not None:
-            executor.shutdown(wait=False)
+            executors = (self._executor, self._detached)
+            self._executor, self._detached, self._closed = None, None, True
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=False)
+
+    def detach(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Runs `fn` in a thread of its own kind (the mount-time prefetches: long streams
+        that must not hold up read-ahead); False once closed. `settle` waits for it too."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._detached is None:
+                self._detached = ThreadPoolExecutor(max_workers=self.policy.parallel,
+                                                    thread_name_prefix="crfs-prefetch")
+            executor = self._detached
+        return self._track(executor, fn, *args)
 
     def settle(self, timeout: float | None = None) -> bool:
-        """Waits until the read-ahead and neighbour work started so far is done; False if
-        some is still running after `timeout` seconds."""
+        """Waits until the read-ahead, neighbour and detached work started so far is done;
+        False if some is still running after `timeout` seconds."""
         with self._lock:
             pending = list(self._pending)
         _done, running = wait(pending, timeout)
@@ -350,12 +371,17 @@ class ChunkFetcher:
                     fresh.update(self._fetch_claimed(target, spans))
             else:
                 fresh.update(self._fetch_claimed(target, spans))
-        for key, flight in theirs:
+        released: list[ChunkLike] = []
+        for chunk, key, flight in theirs:
             flight.done.wait()
-            if flight.error is not None:
+            if flight.released:
+                released.append(chunk)
+            elif flight.error is not None:
                 raise _same_error(flight.error)
-            if flight.data is not None:
+            elif flight.data is not None:
                 fresh[key] = flight.data
+        if released:  # their fetcher gave up on them (a failed prefetch): fetch them here
+            fresh.update(self.ensure(target, released, on_demand=on_demand, trust_store=trust_store))
         return fresh
 
     def fetch_span(self, target: FetchTarget, span: Span, *, narrow: bool = True) -> int:
@@ -383,6 +409,63 @@ class ChunkFetcher:
             spans.append(Span(start, end, tuple(fetched)))
         stored = self._fetch_claimed(target, spans)
         return sum(len(data) for data in stored.values())
+
+    def stream_span(self, target: FetchTarget, span: Span,
+                    on_stored: Callable[[int], None] | None = None) -> int:
+        """Fetches the digested chunks of `span` that are neither stored nor in flight, in
+        ONE request for the whole span, landing each as soon as its bytes are in: it is
+        decoded, verified and stored (in a thread of its own, so the network read never
+        waits on inflate), and its waiters wake then. `on_stored(n)` is told of each chunk
+        stored. If the stream fails, or a chunk fails verification, the chunks not landed
+        are released (their waiters fetch them on demand) and the first failure is raised
+        once the rest has landed. Returns the bytes stored."""
+        wanted = []
+        for chunk in span.chunks:
+            if chunk.digest is None:
+                continue
+            if self.store.check(chunk.digest, chunk.size):
+                target.note_local(chunk.digest, chunk.size)
+            elif chunk.zeros or span.start <= chunk.cstart <= chunk.cend <= span.end:
+                wanted.append(chunk)  # (a chunk outside the span is left to on-demand reads)
+        mine, _theirs = self._claim(target, wanted)
+        if not mine:
+            return 0
+        lander = _Lander(self, target, on_stored)
+        # Zeros chunks need no bytes; the others land in blob order as the stream brings them.
+        ordered = deque(sorted(mine, key=lambda c: (not c.zeros, c.cstart, c.cend)))
+        try:
+            while ordered and ordered[0].zeros:
+                lander.put(ordered.popleft(), b"")
+            if ordered:
+                self._stream_into(target, span, ordered, lander)
+        finally:
+            for chunk in ordered:  # not handed over: the stream failed or stopped
+                self._land(target, chunk, None, None, released=True)
+            lander.finish()
+        if lander.errors:
+            raise lander.errors[0]
+        return lander.stored
+
+    def _stream_into(self, target: FetchTarget, span: Span, ordered: "deque[ChunkLike]",
+                     lander: "_Lander") -> None:
+        """Reads the span's stream, handing each chunk of `ordered` (by blob offset) to
+        `lander` once its bytes are in, and keeping only the bytes chunks still need."""
+        buffer = bytearray()
+        base = span.start  # the blob offset of buffer[0]
+        # Closed at once on failure: the request ends (and stops counting as in flight).
+        with closing(stream_range(target.blob, span.start, span.length)) as pieces:
+            for piece in pieces:
+                if self._closed:
+                    raise CrfsError(f"{target.blob.name}: the worker is stopping")
+                buffer += piece
+                while ordered and ordered[0].cend <= base + len(buffer):
+                    chunk = ordered.popleft()
+                    lander.put(chunk, bytes(buffer[chunk.cstart - base:chunk.cend - base]))
+                # Chunks are in blob order: bytes before the next one's start are done with.
+                drop = (ordered[0].cstart if ordered else base + len(buffer)) - base
+                if drop > 0:
+                    del buffer[:drop]
+                    base += drop
 
     # ---------------------------------------------------------------- beyond the request
 
@@ -478,6 +561,9 @@ class ChunkFetcher:
                 self._executor = ThreadPoolExecutor(max_workers=self.policy.parallel,
                                                     thread_name_prefix="crfs-fetch")
             executor = self._executor
+        return self._track(executor, fn, *args)
+
+    def _track(self, executor: ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> bool:
         try:
             future = executor.submit(fn, *args)
         except RuntimeError:  # shut down meanwhile
@@ -494,17 +580,17 @@ class ChunkFetcher:
     # ---------------------------------------------------------------- flights
 
     def _claim(self, target: FetchTarget, chunks: Sequence[ChunkLike]
-               ) -> tuple[list[ChunkLike], list[tuple[Hashable, _Flight]]]:
+               ) -> tuple[list[ChunkLike], list[tuple[ChunkLike, Hashable, _Flight]]]:
         """Splits missing chunks into those this caller fetches and the flights of those
         others are fetching; chunks that became local meanwhile are neither."""
         mine: list[ChunkLike] = []
-        theirs: list[tuple[Hashable, _Flight]] = []
+        theirs: list[tuple[ChunkLike, Hashable, _Flight]] = []
         with self._lock:
             for chunk in chunks:
                 key = flight_key(target, chunk)
                 flight = self._flights.get(key)
                 if flight is not None:
-                    theirs.append((key, flight))
+                    theirs.append((chunk, key, flight))
                 elif not self._landed_meanwhile(target, chunk):
                     self._flights[key] = _Flight()
                     mine.append(chunk)
@@ -521,13 +607,15 @@ class ChunkFetcher:
         return False
 
     def _land(self, target: FetchTarget, chunk: ChunkLike, data: bytes | None,
-              error: BaseException | None, kept: bool = True) -> None:
+              error: BaseException | None, kept: bool = True, *, released: bool = False) -> None:
         """Ends the flight of a claimed chunk, waking whoever waits for it; bytes the store
-        did not keep go to the waiters."""
+        did not keep go to the waiters. A `released` chunk was not fetched: its waiters
+        fetch it themselves."""
         key = flight_key(target, chunk)
         with self._lock:
             flight = self._flights.pop(key)
         flight.error = error
+        flight.released = released
         if chunk.digest is None or not kept:
             flight.data = data
         flight.done.set()
@@ -600,3 +688,46 @@ class ChunkFetcher:
             return data, False
         target.note_local(chunk.digest, len(data))
         return data, True
+
+
+@dataclass
+class _Lander:
+    """The decode thread of one stream: decodes, verifies and stores the chunks handed to
+    it, in order, and lands each; a chunk that fails is released (its waiters fetch it
+    themselves: a corrupt chunk then fails their own fetch) and its error kept."""
+
+    fetcher: ChunkFetcher
+    target: FetchTarget
+    on_stored: Callable[[int], None] | None = None
+    stored: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    _queue: "queue.SimpleQueue[tuple[ChunkLike, bytes] | None]" = field(
+        default_factory=queue.SimpleQueue, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    def put(self, chunk: ChunkLike, raw: bytes) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="crfs-land", daemon=True)
+            self._thread.start()
+        self._queue.put((chunk, raw))
+
+    def finish(self) -> None:
+        """Returns once every chunk handed over has landed."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            chunk, raw = item
+            try:
+                data, kept = self.fetcher._decode_and_keep(self.target, chunk, raw, chunk.cstart)
+            except BaseException as exc:  # whatever it was, the chunk's waiters must wake
+                self.fetcher._land(self.target, chunk, None, None, released=True)
+                self.errors.append(exc)
+                continue
+            self.fetcher._land(self.target, chunk, data, None, kept)
+            if kept:
+                self.stored += len(data)
+                if self.on_stored is not None:
+                    self.on_stored(len(data))

@@ -1,8 +1,10 @@
 """Making layers local ahead of reads: the mount-time prefetch and the background fetch.
 
 At mount, the prioritised files of an eStargz layer (everything before `.prefetch.landmark`)
-are fetched in ONE Range request, verified chunk by chunk and put in the chunk store.
-Then, unless turned off (`crfs worker --no-background-fetch`, CRFS_BACKGROUND_FETCH=0),
+are fetched in ONE Range request, beside the mount rather than inside it (the mount, and the
+container start, go on meanwhile): each chunk is verified and put in the chunk store as
+soon as its bytes have streamed in, and a reader of a prioritised chunk waits for it there
+(one fetch), while a reader of any other chunk fetches it at once. Then, unless turned off (`crfs worker --no-background-fetch`, CRFS_BACKGROUND_FETCH=0),
 the background fetch makes each mounted layer wholly local: the chunks not yet stored, in
 blob order, coalesced into ranges of up to `range_limit` bytes, `parallel` requests in
 flight, each chunk verified before it is stored. On-demand reads go first (see
@@ -20,6 +22,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Protocol
@@ -161,15 +164,39 @@ def prioritized_chunks(layer: ChunkedLayer, end: int) -> list[Any]:
 
 @dataclass
 class PrefetchStatus:
-    """The mount-time prefetch of one layer: `none` (no landmark), `local` (all stored
-    already), `done`, or `failed`."""
+    """The mount-time prefetch of one layer: `pending` (not started), `running`, then
+    `none` (no landmark), `local` (all stored already), `done`, or `failed`; `stored_bytes`
+    grows while it runs."""
 
     state: str = "pending"
     stored_bytes: int = 0
     error: str = ""
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "bytes": self.stored_bytes, "error": self.error}
+        with self.lock:
+            return {"state": self.state, "bytes": self.stored_bytes, "error": self.error}
+
+    def add_stored(self, count: int) -> None:
+        with self.lock:
+            self.stored_bytes += count
+
+    def finish(self, state: str, error: str = "") -> None:
+        with self.lock:
+            self.state, self.error = state, error
+        self.finished.set()
+
+    def wait(self, stop: threading.Event | None = None, timeout: float | None = None) -> bool:
+        """Waits while the prefetch runs (until `stop` is set, or `timeout` seconds);
+        whether it has ended (or never started)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.state == "running" and not (stop is not None and stop.is_set()):
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self.finished.wait(0.5 if left is None else min(left, 0.5))
+        return self.state != "running"
 
 
 @dataclass
@@ -221,27 +248,37 @@ class MountedLayer(FetchTarget, Protocol):
 
 
 def prefetch_prioritized(target: MountedLayer, fetcher: ChunkFetcher) -> None:
-    """Fetches the layer's prioritised range, once per worker (later calls return at once).
-    A failure is recorded and logged, not raised: reads then fetch on demand."""
+    """Starts fetching the layer's prioritised range in the background, once per worker
+    (later calls return at once), and returns: `target.prefetch` tells how it goes. A
+    failure is recorded and logged, not raised: reads then fetch on demand."""
     with target.prefetch_lock:
         if target.prefetch.state != "pending":
             return
-        try:
-            target.prefetch = _prefetch(target, fetcher)
-        except (CrfsError, OSError) as exc:
-            log.warning("prefetch of %s failed: %s", target.blob.name, exc)
-            target.prefetch = PrefetchStatus("failed", 0, str(exc))
+        target.prefetch.state = "running"
+    if not fetcher.detach(_prefetch, target, fetcher):
+        target.prefetch.finish("failed", "the worker is stopping")
 
 
-def _prefetch(target: MountedLayer, fetcher: ChunkFetcher) -> PrefetchStatus:
-    found = target.layer.prefetch_range()
-    if found is None or found[1] <= found[0]:
-        return PrefetchStatus("none")
-    start, end = found
-    chunks = prioritized_chunks(target.layer, end)
-    stored = fetcher.fetch_span(target, Span(start, end, tuple(chunks)), narrow=False)
+def _prefetch(target: MountedLayer, fetcher: ChunkFetcher) -> None:
+    status = target.prefetch
+    try:
+        found = target.layer.prefetch_range()
+        if found is None or found[1] <= found[0]:
+            status.finish("none")
+            return
+        start, end = found
+        chunks = prioritized_chunks(target.layer, end)
+        stored = fetcher.stream_span(target, Span(start, end, tuple(chunks)), on_stored=status.add_stored)
+    except (CrfsError, OSError) as exc:
+        log.warning("prefetch of %s failed: %s", target.blob.name, exc)
+        status.finish("failed", str(exc))
+        return
+    except Exception:  # a bug: recorded, and its claims were released by stream_span
+        log.exception("prefetch of %s", target.blob.name)
+        status.finish("failed", "internal error (see the worker log)")
+        return
     log.info("prefetched %d bytes of %s", stored, target.blob.name)
-    return PrefetchStatus("done" if stored else "local", stored)
+    status.finish("done" if stored else "local")
 
 
 # ---------------------------------------------------------------------------- background fetch
@@ -300,6 +337,9 @@ class BackgroundFetcher:
     def _fetch_layer(self, target: MountedLayer) -> None:
         progress = target.background
         progress.set(state="running", error="", done_bytes=0)
+        # The prioritised range first: it holds claims this fetch would only wait on, and
+        # its one stream should have the link to itself.
+        target.prefetch.wait(self._stop)
         try:
             missing = self._catalogue(target)
             self._fetch_all(target, missing)

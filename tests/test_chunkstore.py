@@ -369,7 +369,8 @@ def test_prefetch_is_one_request_for_the_prioritised_range(tables: Tables) -> No
     opened = len(mem.reads)
     start, end = live.layer.prefetch_range()
     assert {c.path for c in prioritized_chunks(live.layer, end)} == {"a/first", "a/second"}
-    prefetch_prioritized(live, table.fetcher)
+    prefetch_prioritized(live, table.fetcher)  # runs in the background
+    assert live.prefetch.wait(timeout=DEADLINE)
     assert mem.reads[opened:] == [(start, end - start)]
     assert live.prefetch.state == "done" and live.prefetch.stored_bytes == 105_000
     prefetch_prioritized(live, table.fetcher)  # once per worker

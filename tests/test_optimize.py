@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -144,13 +145,25 @@ def mount_fetches_once(env: dict[str, str], dst: str, target: Path) -> None:
     mounted = crfs(env, "mount", dst, str(target))
     assert mounted.returncode == 0, mounted.stderr
     try:
-        before = stats(env)
+        before = wait_for_prefetches(env)
         assert all(row["prefetch"]["state"] == "done" and row["prefetch"]["bytes"] > 0 for row in before.values()), before
         for path in EXPECTED:
             (target / path).read_bytes()
         assert stats(env) == before  # no further Range request, no byte more
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(target)], check=False)
+
+
+def wait_for_prefetches(env: dict[str, str], bound: float = 120.0) -> dict[str, dict]:
+    """The stats once no layer's prefetch runs (they run beside the mount); `bound` is a
+    hang guard, never an asserted duration."""
+    deadline = time.monotonic() + bound
+    while True:
+        now = stats(env)
+        if all(row["prefetch"]["state"] != "running" for row in now.values()):
+            return now
+        assert time.monotonic() < deadline, f"gave up waiting for the prefetches: {now}"
+        time.sleep(0.1)
 
 
 def stats(env: dict[str, str]) -> dict[str, dict]:

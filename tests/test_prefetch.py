@@ -235,6 +235,9 @@ def test_mount_prefetches_the_prioritised_files_in_one_request(image: PrefetchIm
     assert base.landmark is not None
     before = len(image.relay.records())
     merged = worker.mount()
+    # The prefetch runs beside the mount: wait for it (bounded), then count its requests.
+    worker.wait_for(lambda: all(row["prefetch"]["state"] != "running" for row in worker.stats()),
+                    "the prefetches")
     # The base layer: footer and TOC (at the blob's end), then the prioritised range.
     prefetches = [r for r in image.blob_gets(base, before) if _range(r)[0] == 0]
     assert [r.range_header for r in prefetches] == [f"bytes=0-{base.landmark - 1}"]
@@ -300,6 +303,7 @@ def test_reads_fail_with_eio_while_the_registry_is_down(image: PrefetchImage, cr
     worker = crfs(CRFS_BACKGROUND_FETCH="0", CRFS_FETCH_ATTEMPTS="2", CRFS_FETCH_DEADLINE="2")
     merged = worker.mount()
     assert worker.row(image.layers[0])["background"]["state"] == "off"
+    worker.wait_for(lambda: worker.row(image.layers[0])["prefetch"]["state"] == "done", "the prefetch")
     image.registry.process.stop()
     try:
         # In a child with a hang guard: the retry bound (2 tries, 2 s) ends each read.
