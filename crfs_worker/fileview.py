@@ -469,10 +469,16 @@ class ViewOperations(pyfuse3.Operations):
         handle = await self._run(False, node.open, flags)
         held, guarded = None, False
         if isinstance(handle, LayerFileHandle) and reads_by_splice(ctx.pid):
-            # A file whose chunks are all local (held so while open) cannot fail a read.
-            # Any other is served direct, every piece reaching us, and guarded (OpenFile).
-            held = await self._run(True, handle.source.hold_local, handle.num, handle.path)
-            guarded = held is None
+            if flags & os.O_NONBLOCK:
+                # Without fast_ino, fuse-overlayfs opens every entry it looks up so, only
+                # to read origin xattrs: guarded at once, no thread hop and no chunk query
+                # (a container's own O_NONBLOCK open is then read direct: correct, uncached).
+                guarded = True
+            else:
+                # A file whose chunks are all local (held so while open) cannot fail a
+                # read. Any other is served direct, every piece reaching us, and guarded.
+                held = await self._run(True, handle.source.hold_local, handle.num, handle.path)
+                guarded = held is None
         fh = next(self._next_fh)
         # A direct reader never looks in the page cache: pushing pages would be waste.
         stream = None if guarded or flags & os.O_DIRECT else ReadStream(inode)
@@ -486,15 +492,19 @@ class ViewOperations(pyfuse3.Operations):
         if size <= 0:
             return b""
         if opened.guarded:
-            await self._run(True, self._guard, opened.handle, off, size)
-        data: bytes = await self._run(True, opened.handle.read, off, size)
+            data: bytes = await self._run(True, self._guarded_read, opened.handle, off, size)
+        else:
+            data = await self._run(True, opened.handle.read, off, size)
         if opened.stream is not None:
             self.pusher.note_read(opened.stream, opened.handle, off, size, len(data))
         return data
 
     @staticmethod
-    def _guard(handle: "LayerFileHandle", off: int, size: int) -> None:
+    def _guarded_read(handle: "LayerFileHandle", off: int, size: int) -> bytes:
+        """First fetches what the rest of fuse-overlayfs's request needs, then reads: one
+        thread hop for both."""
         handle.source.ensure_local(handle.num, handle.path, off, size + SPLICE_REQUEST)
+        return handle.read(off, size)
 
     async def release(self, fh: int) -> None:
         opened = self._handles.pop(fh, None)

@@ -254,3 +254,21 @@ def test_layer_view_xattrs_are_all_shown_and_read_once(mounted: Mounted) -> None
         os.close(fd)
     assert mounted.in_view("listxattr", "etc/passwd") == 1
     assert mounted.in_view("getxattr", "etc/passwd") == 2  # one per name, once
+
+
+def test_fuse_overlayfs_lookup_opens_hold_nothing(mounted: Mounted, tmp_path: Path) -> None:
+    # Without fast_ino, fuse-overlayfs opens every entry it looks up (O_NONBLOCK) only to read
+    # origin xattrs: such an open asks the layer nothing; the open it reads through does.
+    merged, upper, work = tmp_path / "m", tmp_path / "u", tmp_path / "w"
+    for directory in (merged, upper, work):
+        directory.mkdir()
+    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={mounted.diff},upperdir={upper},workdir={work}",
+                    str(merged)], check=True, capture_output=True)
+    try:
+        assert sorted(os.listdir(merged / "etc")) == ["passwd", "plain"]
+        os.lstat(merged / "etc" / "plain")
+        assert (merged / "etc" / "passwd").read_bytes() == b"root:x:0:0\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(merged)], check=True)
+    assert mounted.in_diff("hold_local", "etc/plain") == 0
+    assert mounted.in_diff("hold_local", "etc/passwd") == 1
