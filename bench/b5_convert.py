@@ -19,9 +19,9 @@ from pathlib import Path
 
 from bench.common import PYTHON, REPO, BenchContext, BenchError, Figure, Target, mb, timed
 from bench.images import IMAGES, gzip_layout, push_layout, read_layout
-from bench.registry import BenchRegistry
 from crfs_worker.oci_layout import OciLayout
 from tests.support.containerd import PrivateContainerd
+from tests.support.registry import LoggedRegistry
 
 ID = "B5"
 TITLE = "convert: crfs convert vs ctr-remote image convert --estargz --oci"
@@ -73,9 +73,9 @@ def run(ctx: BenchContext) -> list[Figure]:
     ctr_s: list[float] = []
     crfs_bytes: list[float] = []
     ctr_bytes: list[float] = []
-    with BenchRegistry.start(work / "registry", work / "registry" / "storage") as registry, \
+    with LoggedRegistry.start(work / "registry", work / "registry" / "storage") as registry, \
             PrivateContainerd.start(work / "containerd") as ctd:
-        source = f"{registry.netloc}/bench/{spec.name}:gzip"
+        source = f"{registry.host}/bench/{spec.name}:gzip"
         push_layout(layout, source)
         ctd.ctr("image", "pull", "--plain-http", source, timeout=1800)
         for rep in range(ctx.reps):  # interleaved, so that a change in load hits both sides
@@ -83,7 +83,7 @@ def run(ctx: BenchContext) -> list[Figure]:
             out = work / "crfs-out"
             crfs_s.append(timed(partial(_crfs_convert, layout, out)))
             crfs_bytes.append(sum(_crfs_sizes(out)))
-            target = f"{registry.netloc}/bench/{spec.name}:ctr-esgz-{rep}"
+            target = f"{registry.host}/bench/{spec.name}:ctr-esgz-{rep}"
             ctr_s.append(timed(partial(ctd.ctr, "image", "convert", "--estargz", "--oci", source, target,
                                        timeout=3600)))
             ctr_bytes.append(sum(_ctr_sizes(ctd, target)))

@@ -27,12 +27,14 @@ from typing import Iterator, Sequence
 from bench.common import PYTHON, REPO, BenchContext, BenchError, mb
 from bench.images import IMAGES, gzip_layout, push_layout
 from bench.netlink import DelayRelay, LinkCheck, NetnsLink, check_link
-from bench.registry import NETNS_PORT, BenchRegistry
 from crfs_worker.imagestore import RegistryStore
 from crfs_worker.reference import ImageReference
 from crfs_worker.registry import RegistryClient
 from tests.support.podman import PATHS, PodmanRoot, PodmanUser
+from tests.support.registry import LoggedRegistry
 from tests.support.workers import stop_worker
+
+NETNS_PORT = 5000   # the namespace is ours alone: any port is free there
 
 USER = "crfs-bench"          # not the tests' user: a test session may run beside a benchmark
 LINKS = ("loopback", "emulated")
@@ -48,15 +50,15 @@ class Network:
     """One registry storage served twice: on loopback, and from our own network namespace
     behind a rate-limited veth and a delaying relay (the emulated link)."""
 
-    loopback: BenchRegistry
-    emulated: BenchRegistry
+    loopback: LoggedRegistry
+    emulated: LoggedRegistry
     relay: DelayRelay
     check: LinkCheck
 
     def netloc(self, link: str) -> str:
-        return self.loopback.netloc if link == "loopback" else self.relay.netloc
+        return self.loopback.host if link == "loopback" else self.relay.netloc
 
-    def registry(self, link: str) -> BenchRegistry:
+    def registry(self, link: str) -> LoggedRegistry:
         """The process whose access log sees the traffic of `link`."""
         return self.loopback if link == "loopback" else self.emulated
 
@@ -73,12 +75,12 @@ def _self_check_blob(netloc: str) -> str:
 def open_network(ctx: BenchContext) -> Iterator[Network]:
     storage = ctx.work / "registry-storage"
     shutil.rmtree(storage, ignore_errors=True)
-    with BenchRegistry.start(ctx.work / "registry-loopback", storage) as loopback, \
+    with LoggedRegistry.start(ctx.work / "registry-loopback", storage) as loopback, \
             NetnsLink.create(ctx.rate_mbit) as link, \
-            BenchRegistry.start(ctx.work / "registry-netns", storage, link.ns_addr, NETNS_PORT,
-                                link.exec_prefix()) as emulated, \
+            LoggedRegistry.start(ctx.work / "registry-netns", storage, link.ns_addr, NETNS_PORT,
+                                 tuple(link.exec_prefix())) as emulated, \
             DelayRelay((link.ns_addr, NETNS_PORT), ctx.rtt_ms / 2000) as relay:
-        digest = _self_check_blob(loopback.netloc)
+        digest = _self_check_blob(loopback.host)
         check = check_link(relay.netloc, "/v2/", f"/v2/bench/selfcheck/blobs/{digest}", ctx.rate_mbit,
                            ctx.rtt_ms)
         ctx.log(f"emulated link: {check.text()}")
@@ -126,7 +128,7 @@ def prepared_image(ctx: BenchContext, net: Network, name: str) -> Iterator[Bench
     """Pushes the cached gzip layout of IMAGES[name] and converts it with `crfs convert`
     (registry to registry, on loopback; B5 times conversion)."""
     repository = f"bench/{name}"
-    netloc = net.loopback.netloc
+    netloc = net.loopback.host
     push_layout(gzip_layout(IMAGES[name]), f"{netloc}/{repository}:gzip")
     started = time.monotonic()
     done = subprocess.run([str(PYTHON), "-m", "crfs_worker.cli", "convert", f"{netloc}/{repository}:gzip",
@@ -148,7 +150,7 @@ def optimized_image(ctx: BenchContext, net: Network, image: BenchImage,
     """`crfs optimize` of the image's eStargz tag for `command`, pushed as tag `opt` (the
     files the workload opens come first, before `.prefetch.landmark`). Yields its layers.
     Runs as root with its own worker, stopped afterwards, over its own caches."""
-    netloc = net.loopback.netloc
+    netloc = net.loopback.host
     runtime, cache = ctx.work / "optimize-runtime", ctx.work / "optimize-cache"
     for directory in (runtime, cache):
         shutil.rmtree(directory, ignore_errors=True)

@@ -13,72 +13,21 @@ import hashlib
 import io
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 BULK_DIR = Path("/usr/lib/python3.11")
 CRFS = [sys.executable, "-m", "crfs_worker.cli"]
-ACCESS_LINE = re.compile(r'"(GET|HEAD) (/v2/[^ ]+) HTTP/[0-9.]+" (\d{3}) (\d+|-)')
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python scripts/cli_demo.py`
+    sys.path.insert(0, str(REPO))
 
-
-@dataclass
-class Registry:
-    process: subprocess.Popen[bytes]
-    log: Path
-    host: str
-
-    def fetched_since(self, mark: int) -> tuple[int, int]:
-        """(bytes, requests) of blob GETs logged after byte `mark` of the access log."""
-        total = requests = 0
-        with self.log.open("rb") as f:
-            f.seek(mark)
-            for line in f.read().decode(errors="replace").splitlines():
-                m = ACCESS_LINE.search(line)
-                if m and m.group(1) == "GET" and "/blobs/" in m.group(2) and m.group(4) != "-":
-                    total += int(m.group(4))
-                    requests += 1
-        return total, requests
-
-    def mark(self) -> int:
-        return self.log.stat().st_size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_registry(work: Path) -> Registry:
-    port = free_port()
-    config = {
-        "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": False}},
-        "storage": {"filesystem": {"rootdirectory": str(work / "data")}},
-        "http": {"addr": f"127.0.0.1:{port}"},
-    }
-    (work / "config.yml").write_text(json.dumps(config))  # JSON is YAML
-    log = work / "registry.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(["docker-registry", "serve", str(work / "config.yml")],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
-            return Registry(process, log, f"127.0.0.1:{port}")
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit(f"docker-registry did not start: {log.read_text()[-2000:]}")
+from tests.support.registry import LoggedRegistry  # noqa: E402 (after the path setup)
 
 
 def _add_dir(tar: tarfile.TarFile, name: str) -> None:
@@ -152,7 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="crfs-main-job-") as tmp:
         work = Path(tmp)
         (work / "registry").mkdir()
-        registry = start_registry(work / "registry")
+        registry = LoggedRegistry.start(work / "registry")
         try:
             env = {**os.environ, "CRFS_CACHE_DIR": str(work / "cache")}
             print(f"registry: docker-registry on {registry.host}")
@@ -173,18 +122,18 @@ def main() -> int:
                 data = crfs("cat", ref, path, env=env)
                 if source is not None and data != source.read_bytes():
                     raise SystemExit(f"{path}: bytes differ from {source}")
-                fetched, requests = registry.fetched_since(mark)
+                counted = registry.fetched_since(mark)
+                fetched, requests = counted.blob_bytes, counted.blob_requests
                 print(f"{path:40} {len(data):>9} {fetched:>9} {requests:>8} "
                       f"{100 * fetched / image_size:>7.2f}%")
             print("every file read back byte-identical; each read fetched only its own chunks "
                   "(TOCs come from the local index cache after the first read)")
         finally:
-            registry.process.terminate()
-            registry.process.wait()
+            registry.stop()
     return 0
 
 
-def _blob_size(registry: Registry, digest: str) -> int:
+def _blob_size(registry: LoggedRegistry, digest: str) -> int:
     request = urllib.request.Request(f"http://{registry.host}/v2/demo/blobs/{digest}", method="HEAD")
     with urllib.request.urlopen(request) as response:
         return int(response.headers["Content-Length"])

@@ -29,7 +29,6 @@ from tests.support.podman import (  # noqa: E402 (after the path setup)
     PATHS,
     REPORT_HEADER,
     CommandError,
-    LoggedRegistry,
     PathReport,
     PodmanUser,
     debootstrap_tarball,
@@ -37,6 +36,7 @@ from tests.support.podman import (  # noqa: E402 (after the path setup)
     remove_tree,
     run_path,
 )
+from tests.support.registry import LoggedRegistry  # noqa: E402
 
 USER = "crfs-e2e"
 

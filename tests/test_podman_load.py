@@ -27,7 +27,6 @@ import os
 import random
 import tarfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,12 +44,12 @@ from tests.support.podman import (
     PATHS,
     PLUGIN_LINE,
     E2EImages,
-    LoggedRegistry,
     PodmanRoot,
     PodmanUser,
     debootstrap_tarball,
     prepare_images,
 )
+from tests.support.registry import LoggedRegistry
 
 USER = "crfs-load"       # its own user, hence its own worker: no other test's worker is touched
 WORK_LABEL = "load"  # names the `work` fixture's directory (tests/conftest.py)

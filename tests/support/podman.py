@@ -7,13 +7,12 @@ podman/crfs commands run as that user.
     user = PodmanUser.ensure("crfs-e2e")                # created and set up if missing
     registry = LoggedRegistry.start(tmp_path / "reg")
     user.podman(root, "pull", ref)
-    fetched = registry.blob_bytes_since(mark)
+    fetched = registry.fetched_since(mark).blob_bytes
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import pwd
 import re
@@ -29,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import pytest
 
-from tests.support.registry import RegistryProcess, free_port, registry_config
+from tests.support.registry import LoggedRegistry
 from tests.support.workers import stop_process, worker_pid
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +40,6 @@ CLEANED = ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/l
 SETUP_SCRIPT = REPO / "podman-examples" / "setup-rootless.sh"
 PYTHON = REPO / ".venv" / "bin" / "python"
 CRFS_COMMAND = "/usr/local/bin/crfs"  # written by setup-rootless.sh
-ACCESS_LINE = re.compile(r'"(GET|HEAD) (/v2/[^ ]+) HTTP/[0-9.]+" (\d{3}) (\d+|-)')
 
 
 # ---------------------------------------------------------------------------- base image
@@ -90,69 +88,6 @@ def debootstrap_tarball(cache_dir: Path = CACHE_DIR) -> Path:
 
 
 # ---------------------------------------------------------------------------- registry
-
-
-@dataclass
-class LoggedRegistry:
-    """A docker-registry whose access log counts what clients fetched."""
-
-    process: RegistryProcess
-
-    @classmethod
-    def start(cls, workdir: Path, attempts: int = 3) -> "LoggedRegistry":
-        workdir.mkdir(parents=True, exist_ok=True)
-        last: Exception | None = None
-        for _ in range(attempts):  # free_port() cannot reserve the port it returns
-            port = free_port()
-            config = registry_config(port, workdir / "storage")
-            config["log"] = {"level": "error", "accesslog": {"disabled": False}}
-            process = RegistryProcess(workdir, port, config)
-            try:
-                process.start()
-                return cls(process)
-            except RuntimeError as exc:
-                last = exc
-        raise RuntimeError(f"could not start docker-registry: {last}")
-
-    @property
-    def host(self) -> str:
-        return self.process.netloc
-
-    @property
-    def log(self) -> Path:
-        return self.process.workdir / "registry.log"
-
-    def mark(self) -> int:
-        return self.log.stat().st_size
-
-    def fetched_since(self, mark: int, repository: str | None = None) -> tuple[int, int]:
-        """(bytes, requests) of blob GETs logged after byte `mark` of the access log."""
-        total = requests = 0
-        with self.log.open("rb") as f:
-            f.seek(mark)
-            for line in f.read().decode(errors="replace").splitlines():
-                m = ACCESS_LINE.search(line)
-                if not m or m.group(1) != "GET" or "/blobs/" not in m.group(2) or m.group(4) == "-":
-                    continue
-                if repository is not None and not m.group(2).startswith(f"/v2/{repository}/blobs/"):
-                    continue
-                total += int(m.group(4))
-                requests += 1
-        return total, requests
-
-    def manifest(self, repository: str, tag: str) -> dict:
-        with self._client() as client:
-            from crfs_worker.reference import ImageReference
-
-            return json.loads(client.get_manifest(ImageReference(self.host, repository, tag)).data)
-
-    def _client(self):  # type: ignore[no-untyped-def]
-        from crfs_worker.registry import RegistryClient
-
-        return RegistryClient()
-
-    def stop(self) -> None:
-        self.process.stop()
 
 
 # ---------------------------------------------------------------------------- the user
@@ -382,12 +317,13 @@ def run_path(user: PodmanUser, images: E2EImages, work: Path, path: str, full: b
     started = time.monotonic()
     user.podman(root, "pull", "--quiet", "--tls-verify=false", images.esgz_ref)
     report.pull_seconds = time.monotonic() - started
-    report.pull_fetched, _ = registry.fetched_since(mark)
+    report.pull_fetched = registry.fetched_since(mark).blob_bytes
     report.uses_added_by_pull = _uses(user, images) - uses_before
     started = time.monotonic()
     report.outputs["first"] = _output(user.podman(root, *run, images.esgz_ref, "python3", "-c", "print(42)"))
     report.run_seconds = time.monotonic() - started
-    report.fetched, report.requests = registry.fetched_since(mark)
+    fetched = registry.fetched_since(mark)
+    report.fetched, report.requests = fetched.blob_bytes, fetched.blob_requests
 
     report.outputs["write"] = _output(user.podman(root, *run, images.esgz_ref, "sh", "-c",
         "echo written > /root/new && cat /root/new && echo appended >> /etc/os-release && "

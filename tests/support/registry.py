@@ -132,7 +132,8 @@ def make_server_cert(ca: KeyPair, hosts: tuple[str, ...] = ("127.0.0.1", "localh
 
 @dataclass
 class RegistryProcess:
-    """One `docker-registry serve CONFIG` child process."""
+    """One `docker-registry serve CONFIG` child process; `prefix` runs it elsewhere
+    (`ip netns exec NS`), where it listens on `host`."""
 
     workdir: Path
     port: int
@@ -140,11 +141,13 @@ class RegistryProcess:
     scheme: str = "http"
     ca_file: Path | None = None
     client_cert: tuple[Path, Path] | None = None
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def netloc(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def storage_root(self) -> Path:
@@ -158,7 +161,8 @@ class RegistryProcess:
         config_path.write_text(json.dumps(self.config, indent=2))
         log = (self.workdir / "registry.log").open("ab")
         self._process = subprocess.Popen(
-            [REGISTRY_BINARY, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
+            [*self.prefix, REGISTRY_BINARY, "serve", str(config_path)], stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         log.close()
         self._wait_until_answering()
@@ -215,18 +219,98 @@ class RegistryProcess:
         return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
 
 
-def registry_config(port: int, root: Path) -> dict[str, Any]:
+def registry_config(port: int, root: Path, host: str = "127.0.0.1", access_log: bool = False) -> dict[str, Any]:
     return {
         "version": 0.1,
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "log": {"level": "error" if access_log else "warn", "accesslog": {"disabled": not access_log}},
         "storage": {
             "filesystem": {"rootdirectory": str(root)},
             "delete": {"enabled": True},
             "cache": {"blobdescriptor": "inmemory"},
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "crfs-test-secret"},
+        "http": {"addr": f"{host}:{port}", "secret": "crfs-test-secret"},
     }
+
+
+# ---- a registry that counts what it served ----
+
+ACCESS_LINE = re.compile(r'"(GET|HEAD) (/v2/[^ ]+) HTTP/[0-9.]+" (\d{3}) (\d+|-)')
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Registry traffic in a window of the access log."""
+
+    blob_bytes: int
+    blob_requests: int
+    requests: int       # every GET/HEAD: manifests, configs, blobs
+
+
+@dataclass
+class LoggedRegistry:
+    """A plain docker-registry whose access log counts what clients fetched (tests, the
+    benchmarks and the main job count bytes with it)."""
+
+    process: RegistryProcess
+
+    @classmethod
+    def start(cls, workdir: Path, storage: Path | None = None, host: str = "127.0.0.1",
+              port: int | None = None, prefix: tuple[str, ...] = ()) -> "LoggedRegistry":
+        """On a free loopback port, or on `host:port` under `prefix` (a network namespace)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        root = storage or workdir / "storage"
+
+        def make(free: int) -> RegistryProcess:
+            listen = port or free
+            return RegistryProcess(workdir, listen, registry_config(listen, root, host, access_log=True),
+                                   host=host, prefix=prefix)
+
+        return cls(_start(workdir, make, attempts=1 if port else 3))
+
+    @property
+    def host(self) -> str:
+        """The registry part of an image reference: host:port."""
+        return self.process.netloc
+
+    @property
+    def log(self) -> Path:
+        return self.process.workdir / "registry.log"
+
+    def mark(self) -> int:
+        return self.log.stat().st_size
+
+    def fetched_since(self, mark: int, repository: str | None = None) -> Fetched:
+        """What the access log shows after byte `mark`; blob figures only for `repository`
+        when given."""
+        blob_bytes = blob_requests = requests = 0
+        with self.log.open("rb") as f:
+            f.seek(mark)
+            for line in f.read().decode(errors="replace").splitlines():
+                m = ACCESS_LINE.search(line)
+                if not m:
+                    continue
+                requests += 1
+                method, path, _, size = m.groups()
+                if method != "GET" or "/blobs/" not in path or size == "-":
+                    continue
+                if repository is None or path.startswith(f"/v2/{repository}/blobs/"):
+                    blob_bytes += int(size)
+                    blob_requests += 1
+        return Fetched(blob_bytes, blob_requests, requests)
+
+    def manifest(self, repository: str, tag: str) -> dict[str, Any]:
+        with RegistryClient() as client:
+            return json.loads(client.get_manifest(ImageReference(self.host, repository, tag)).data)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def __enter__(self) -> "LoggedRegistry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ---- the token server ----
