@@ -856,6 +856,37 @@ class Index:
         )
         return [ChunkRow(r[0], r[1], r[2], r[3], r[4], r[5] or None, bool(r[6])) for r in rows]
 
+    def chunk_count(self, ino: int) -> int:
+        """How many chunk rows a regular file has beyond the one its node row can hold
+        (0 for a file of one chunk or none)."""
+        row = self._one("SELECT count(*) FROM chunk WHERE ino = ?", (ino,))
+        return row[0] if row else 0
+
+    def data_files_beside(self, ino: int, *, forward: bool = True,
+                          batch: int = 64) -> Iterator[tuple[str, int]]:
+        """(name, ino) of the regular files with data of their own that share the
+        directory of entry `ino` and come after it in TOC order (which is blob order), or
+        with `forward=False` before it, nearest first; the run ends at the first entry of
+        another directory. Directories, links, hardlinks and empty files are passed over.
+        Lazy: a caller that stops early reads only a batch or two of rows."""
+        row = self._one("SELECT parent FROM node WHERE seq = ?", (ino,))
+        if row is None:
+            return
+        parent = row[0]
+        sql = ("SELECT seq, parent, name, ino, mode, size FROM node WHERE seq > ? ORDER BY seq LIMIT ?"
+               if forward else
+               "SELECT seq, parent, name, ino, mode, size FROM node WHERE seq < ? ORDER BY seq DESC LIMIT ?")
+        seq = ino
+        while True:
+            rows = self._all(sql, (seq, batch))
+            if not rows:
+                return
+            for seq, node_parent, name, node_ino, mode, size in rows:
+                if node_parent != parent:
+                    return
+                if node_ino == seq and st.S_ISREG(mode) and size > 0:
+                    yield name, node_ino
+
     def walk(self) -> Iterator[tuple[str, EntryStat]]:
         """Every node of the tree (root first, then TOC order of first appearance)."""
         yield "", self.stat(ROOT_INO)

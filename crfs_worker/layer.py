@@ -398,8 +398,7 @@ class Layer:
 
     def _few_chunks(self, ino: int) -> bool:
         """Whether a file's chunk rows are few enough to keep in memory."""
-        row = self.index._one("SELECT count(*) FROM chunk WHERE ino = ?", (ino,))
-        return row is None or row[0] <= CACHED_ROWS_PER_FILE
+        return self.index.chunk_count(ino) <= CACHED_ROWS_PER_FILE
 
     def chunks_after(self, chunk: Chunk, end: int, gap: int = NEIGHBOUR_GAP) -> list[Chunk]:
         """The digested chunks that follow `chunk` in the blob and end by blob offset `end`:
@@ -413,7 +412,7 @@ class Layer:
             return []
         found: list[Chunk] = []
         last = chunk.cend
-        for candidate in self._chunks_following(chunk):
+        for candidate in self._chunks_beside(chunk, forward=True):
             if candidate.zeros or candidate.digest is None or candidate.cend > end:
                 break
             if not last <= candidate.cstart <= last + gap:
@@ -422,37 +421,47 @@ class Layer:
             last = candidate.cend
         return found
 
-    def _chunks_following(self, chunk: Chunk) -> Iterator[Chunk]:
-        """Chunks after `chunk`: its file's, then those of the regular files after it in
-        its directory, up to the first entry of another directory. (The SQL reads the
-        index's node table: no index method walks entries by blob order.)"""
+    def chunks_before(self, chunk: Chunk, start: int, gap: int = NEIGHBOUR_GAP) -> list[Chunk]:
+        """The mirror of `chunks_after`: the digested chunks that precede `chunk` in the
+        blob and start at or after blob offset `start`, in blob order: the earlier chunks
+        of its file, then the files of its directory that come before it in TOC order,
+        as long as each ends within `gap` bytes of the one after it. Programs open a
+        directory's files in their own order (python: import order), not the blob's, so
+        a file's neighbours on both sides are likely next."""
+        if chunk.parts:
+            return []
+        found: list[Chunk] = []
+        first = chunk.cstart
+        for candidate in self._chunks_beside(chunk, forward=False):
+            if candidate.zeros or candidate.digest is None or candidate.cstart < start:
+                break
+            if not first - gap <= candidate.cend <= first:
+                break
+            found.append(candidate)
+            first = candidate.cstart
+        found.reverse()
+        return found
+
+    def _chunks_beside(self, chunk: Chunk, *, forward: bool) -> Iterator[Chunk]:
+        """Chunks after `chunk` (or before it, nearest first): its file's, then those of the
+        regular files beside it in its directory, up to the first entry of another one."""
         prefix = chunk.path.rpartition("/")[0]
         with self._lock:
-            rest = self.index.chunks(chunk.ino, chunk.offset + chunk.size)
-        for r in rest:
-            if r.foff > chunk.offset:
-                yield Chunk(chunk.path, chunk.ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
-        with self._lock:
-            row = self.index._one("SELECT parent FROM node WHERE seq = ?", (chunk.ino,))
-        parent = row[0] if row else None
-        seq = chunk.ino
-        while True:
+            if forward:
+                mine = [r for r in self.index.chunks(chunk.ino, chunk.offset + chunk.size)
+                        if r.foff > chunk.offset]
+            else:
+                mine = self.index.chunks(chunk.ino, 0, chunk.offset)[::-1] if chunk.offset else []
+        yield from (self._chunk(chunk.path, chunk.ino, r) for r in mine)
+        for name, ino in self.index.data_files_beside(chunk.ino, forward=forward):
+            path = f"{prefix}/{name}" if prefix else name
             with self._lock:
-                rows = self.index._all(
-                    "SELECT seq, parent, name, ino, mode, size FROM node WHERE seq > ? "
-                    "ORDER BY seq LIMIT 64", (seq,))
-            if not rows:
-                return
-            for seq, node_parent, name, ino, mode, size in rows:
-                if node_parent != parent:
-                    return  # another directory's files: less likely wanted next
-                if ino != seq or not st.S_ISREG(mode) or size == 0:
-                    continue  # no data of its own: a directory, link, hardlink or empty file
-                path = f"{prefix}/{name}" if prefix else name
-                with self._lock:
-                    rows_of_file = self.index.chunks(ino)
-                for r in rows_of_file:
-                    yield Chunk(path, ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
+                rows = self.index.chunks(ino)
+            yield from (self._chunk(path, ino, r) for r in (rows if forward else reversed(rows)))
+
+    @staticmethod
+    def _chunk(path: str, ino: int, r: ChunkRow) -> Chunk:
+        return Chunk(path, ino, r.foff, r.size, r.cstart, r.cend, r.inner, r.digest, r.zeros)
 
     @staticmethod
     def fetch_ranges(chunks: list[Chunk], gap: int = COALESCE_GAP) -> list[tuple[int, int]]:
