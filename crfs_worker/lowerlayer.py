@@ -40,7 +40,7 @@ from .layer import EntryStat, Layer, LayerSource
 from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
 from .prefetch import BackgroundFetcher, BackgroundProgress, FetchOptions, PrefetchStatus, prefetch_prioritized
 from .reference import ImageReference
-from .registry import RegistryClient
+from .registry import RegistryClient, SchemeMemo
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ class RecordBlobOpener:
     """Opens the blob a layer record points at; registry blobs share one client."""
 
     options: FetchOptions = field(default_factory=FetchOptions)
+    # Shared with the worker's other registry clients (the layer store's): a host is probed once.
+    schemes: SchemeMemo = field(default_factory=SchemeMemo)
     _client: RegistryClient | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -233,7 +235,7 @@ class RecordBlobOpener:
     def _registry(self) -> RegistryClient:
         with self._lock:
             if self._client is None:
-                self._client = RegistryClient(self.options.registry_config())
+                self._client = RegistryClient(self.options.registry_config(), self.schemes)
             return self._client
 
 

@@ -290,10 +290,31 @@ class RegistryBlob:
         return data
 
 
-class RegistryClient:
-    """Talks distribution v2 to any number of registries through one httpx.Client."""
+@dataclass
+class SchemeMemo:
+    """The scheme (https or http) each registry host was found to speak. Clients of one
+    process that share it probe a host once: a probe of a plain-http registry costs a
+    TLS context (~70 ms here) and two round trips, on the path of a container's start."""
 
-    def __init__(self, config: RegistryConfig | None = None) -> None:
+    _schemes: dict[tuple[str, bool], str] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # Keyed by whether plain http was allowed too: a client that may not speak http to a
+    # host never takes the answer of one that may.
+    def get(self, host: str, allow_http: bool) -> str | None:
+        with self._lock:
+            return self._schemes.get((host, allow_http))
+
+    def put(self, host: str, allow_http: bool, scheme: str) -> None:
+        with self._lock:
+            self._schemes[(host, allow_http)] = scheme
+
+
+class RegistryClient:
+    """Talks distribution v2 to any number of registries through one httpx.Client.
+    `schemes`: what other clients of this process learnt of each host's scheme."""
+
+    def __init__(self, config: RegistryConfig | None = None, schemes: SchemeMemo | None = None) -> None:
         self._config = config if config is not None else RegistryConfig.from_environment()
         self._transports = _HostTransports(self._config.certs_dirs)
         self._http = httpx.Client(
@@ -304,8 +325,7 @@ class RegistryClient:
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
         self._auth = Authenticator(self._config.credentials, self._send_token_request)
-        self._schemes: dict[str, str] = {}
-        self._schemes_lock = threading.Lock()
+        self._schemes = schemes if schemes is not None else SchemeMemo()
 
     @property
     def config(self) -> RegistryConfig:
@@ -803,17 +823,15 @@ class RegistryClient:
         host = _api_host(registry)
         if source.insecure:
             self._transports.trust_insecurely(host)
-        with self._schemes_lock:
-            scheme = self._schemes.get(host)
+        allow_http = source.insecure or (self._config.loopback_plain_http and is_loopback(host))
+        scheme = self._schemes.get(host, allow_http)
         if scheme is None:
-            scheme = self._retrying(lambda: self._probe_scheme(host, source.insecure), "connecting", registry)
-            with self._schemes_lock:
-                self._schemes[host] = scheme
+            scheme = self._retrying(lambda: self._probe_scheme(host, allow_http), "connecting", registry)
+            self._schemes.put(host, allow_http, scheme)
         return f"{scheme}://{host}"
 
-    def _probe_scheme(self, host: str, insecure: bool) -> str:
+    def _probe_scheme(self, host: str, allow_http: bool) -> str:
         """https if the host speaks TLS at all; http only where allowed (see module doc)."""
-        allow_http = insecure or (self._config.loopback_plain_http and is_loopback(host))
         try:
             self._http.get(f"https://{host}/v2/").close()
             return "https"

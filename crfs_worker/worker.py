@@ -44,7 +44,7 @@ from .fileview import VIEW_ROOT_INO, FileView, LayerViewRoot
 from .ipc import IpcServer, WorkerClient
 from .layerkeys import KeyStore
 from .layerstore import VIEW_NAME, StoreRoot, configured_store_dir, open_store
-from .lowerlayer import LayerTable, LowerLayerService
+from .lowerlayer import LayerTable, LowerLayerService, RecordBlobOpener
 from .usernamespace import PodmanNamespace, enter_podman_namespace, wants_podman_namespace
 from .prefetch import FetchOptions, progress_label
 
@@ -186,9 +186,12 @@ def _file_view(config: WorkerConfig, table: LayerTable) -> FileView:
         return FileView(LayerViewRoot(table), config.runtime / "view")
 
     def registry_client() -> object:
-        from .registry import RegistryClient  # the registry stack loads only when needed
+        from .registry import RegistryClient
 
-        return RegistryClient()
+        # The store resolves an image just before its layer is opened: the blob reads then
+        # skip probing the registry's scheme again (a TLS context and two round trips).
+        opener = table.blob_opener
+        return RegistryClient(schemes=opener.schemes if isinstance(opener, RecordBlobOpener) else None)
 
     store = open_store(table, config.runtime, registry_client)
     root = StoreRoot(store, LayerViewRoot(table, ino=VIEW_ROOT_INO))

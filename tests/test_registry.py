@@ -34,6 +34,7 @@ from crfs_worker.registry import (
     OCI_MANIFEST,
     BlobSourceError,
     RegistryClient,
+    SchemeMemo,
     RegistryConfig,
     RetryPolicy,
     _manifest_media_type,
@@ -281,6 +282,25 @@ def test_whole_blob_range_answered_with_200_is_accepted(registry: RunningRegistr
         assert client.read_range(through.ref(repository), digest, 0, len(data)) == data
         with pytest.raises(RangeNotSupportedError):
             client.read_range(through.ref(repository), digest, 0, len(data) - 1)
+
+
+def test_clients_sharing_a_scheme_memo_probe_a_host_once(registry: RunningRegistry, fault_relay: Relays) -> None:
+    data = os.urandom(3000)
+    repository = _unique("memo")
+    digest = registry.push_blob(repository, data)
+    relay = fault_relay(registry)
+    through = _relayed(registry, relay)
+    memo = SchemeMemo()
+    with RegistryClient(through.client_config, memo) as first, RegistryClient(through.client_config, memo) as second:
+        assert first.read_range(through.ref(repository), digest, 0, 10) == data[:10]
+        assert second.read_range(through.ref(repository), digest, 10, 10) == data[10:20]
+    probes = [record for record in relay.wait_for_records(3) if record.path == "/v2/"]
+    assert len(probes) == 1  # the second client took the first one's answer: http
+    # A client that may not speak plain http to the host does not take that answer.
+    strict = replace(through.client_config, loopback_plain_http=False)
+    with RegistryClient(strict, memo) as client:
+        with pytest.raises(RegistryError, match="https"):
+            client.read_range(through.ref(repository), digest, 0, 10)
 
 
 # ---- uploads ----
