@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -288,6 +289,48 @@ class ReadAheadPusher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+# ---------------------------------------------------------------------------- directory listings
+
+Listing = list[tuple[str, Node, NodeAttr]]
+LISTED_ENTRIES = 1 << 16  # entries of immutable directories kept listed (~0.4 KiB each)
+
+
+@dataclass
+class OpenDir:
+    """An open directory: listed at its first readdir (fuse-overlayfs opens every entry it
+    looks up, directories too, without reading them, unless fast_ino)."""
+
+    inode: int
+    node: Node
+    listing: Listing | None = None
+
+
+@dataclass
+class ListingCache:
+    """The latest listings of immutable directories (a layer's), `limit` entries in all:
+    each new container's fuse-overlayfs lists every directory it walks again."""
+
+    limit: int = LISTED_ENTRIES
+    _listings: "OrderedDict[int, Listing]" = field(default_factory=OrderedDict, init=False, repr=False)
+    _entries: int = field(default=0, init=False)
+
+    def get(self, inode: int) -> Listing | None:
+        listing = self._listings.get(inode)
+        if listing is not None:
+            self._listings.move_to_end(inode)
+        return listing
+
+    def put(self, inode: int, listing: Listing) -> None:
+        if len(listing) > self.limit:
+            return
+        old = self._listings.pop(inode, None)
+        self._entries += len(listing) - (len(old) if old is not None else 0)
+        self._listings[inode] = listing
+        while self._entries > self.limit:
+            _, evicted = self._listings.popitem(last=False)
+            self._entries -= len(evicted)
+
+
 # ---------------------------------------------------------------------------- FUSE side
 
 
@@ -327,7 +370,8 @@ class ViewOperations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}  # the kernel's references, per inode
         self._handles: dict[int, OpenFile] = {}
         self.pusher = ReadAheadPusher(store)
-        self._listings: dict[int, list[tuple[str, Node, NodeAttr]]] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self.listed = ListingCache()
         self._next_fh = itertools.count(1)
 
     # ---- helpers
@@ -443,24 +487,36 @@ class ViewOperations(pyfuse3.Operations):
     # ---- directories
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        entries = await self._run(node.may_block, node.children)
         fh = next(self._next_fh)
-        self._listings[fh] = sorted(entries, key=lambda item: item[0])
+        self._dirs[fh] = OpenDir(inode, self._node(inode))
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._listings.get(fh)
-        if listing is None:
+        opened = self._dirs.get(fh)
+        if opened is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if opened.listing is None:
+            opened.listing = await self._listing(opened.inode, opened.node)
+        listing = opened.listing
         for index in range(start_id, len(listing)):
             name, child, attr = listing[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), index + 1):
                 return
             self._remember(attr.ino, child)  # readdirplus: the kernel took a reference
 
+    async def _listing(self, inode: int, node: Node) -> Listing:
+        # Only a directory whose misses the kernel may keep can never change.
+        immutable = node.miss_timeout > 0
+        listing = self.listed.get(inode) if immutable else None
+        if listing is None:
+            entries = await self._run(node.may_block, node.children)
+            listing = sorted(entries, key=lambda item: item[0])
+            if immutable:
+                self.listed.put(inode, listing)
+        return listing
+
     async def releasedir(self, fh: int) -> None:
-        self._listings.pop(fh, None)
+        self._dirs.pop(fh, None)
 
     # ---- files
 

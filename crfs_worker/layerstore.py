@@ -471,6 +471,10 @@ class DiffEntry(BaseNode):
     def children(self) -> list[tuple[str, Node, NodeAttr]]:
         entries = self.layers.readdir(self.num, self.path)
         names = {name for name, _ in entries}
+        if not self.whiteout:
+            # Overlay asks whether a directory is opaque right after listing it: the answer
+            # is in the listing (fills the cached_property, no query of its own).
+            self.__dict__["_opaque"] = OPAQUE_MARKER in names
         out: list[tuple[str, Node, NodeAttr]] = []
         for name, st in entries:
             child = DiffEntry(self.layers, self.num, self.tree, join_path(self.path, name))

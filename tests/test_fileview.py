@@ -42,6 +42,8 @@ SPECS = [
     blobgen.dir_("opq"),
     blobgen.reg("opq/.wh..wh..opq", b""),
     blobgen.reg("opq/kept", b"kept\n"),
+    blobgen.dir_("lazy"),
+    blobgen.reg("lazy/file", b"x"),
 ]
 
 
@@ -272,3 +274,37 @@ def test_fuse_overlayfs_lookup_opens_hold_nothing(mounted: Mounted, tmp_path: Pa
         subprocess.run(["fusermount3", "-u", str(merged)], check=True)
     assert mounted.in_diff("hold_local", "etc/plain") == 0
     assert mounted.in_diff("hold_local", "etc/passwd") == 1
+
+
+# ------------------------------------------------------------------ listings
+
+
+def test_a_layer_directory_is_listed_once(mounted: Mounted) -> None:
+    # Each new container's fuse-overlayfs lists every directory it walks again.
+    for _ in range(3):
+        assert sorted(os.listdir(mounted.diff / "opq")) == ["kept"]
+        assert sorted(os.listdir(mounted.layer / "opq")) == [".wh..wh..opq", "kept"]
+    assert mounted.in_diff("readdir", "opq") == 1
+    assert mounted.in_view("readdir", "opq") == 1
+
+
+def test_the_view_root_is_listed_every_time(mounted: Mounted) -> None:
+    # Layers come and go: the listing of the view's root is never kept.
+    before = mounted.in_view("layer_numbers", "")
+    for _ in range(2):
+        assert os.listdir(mounted.mountpoint / "view") == [str(mounted.num)]
+    assert mounted.in_view("layer_numbers", "") - before == 2
+
+
+def test_a_directory_opened_and_not_read_is_not_listed(mounted: Mounted) -> None:
+    # What fuse-overlayfs does (without fast_ino) to every directory it looks up.
+    fd = os.open(mounted.diff / "lazy", os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    os.close(fd)
+    assert mounted.in_diff("readdir", "lazy") == 0
+    assert os.listdir(mounted.diff / "lazy") == ["file"]
+    assert mounted.in_diff("readdir", "lazy") == 1
+    # Overlay asks whether it is opaque right after listing it: the listing answers.
+    with pytest.raises(OSError) as absent:
+        os.getxattr(mounted.diff / "lazy", "trusted.overlay.opaque")
+    assert absent.value.errno == errno.EOPNOTSUPP
+    assert mounted.in_diff("exists", "lazy/.wh..wh..opq") == 0
