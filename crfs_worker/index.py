@@ -857,8 +857,8 @@ class Index:
         return [ChunkRow(r[0], r[1], r[2], r[3], r[4], r[5] or None, bool(r[6])) for r in rows]
 
     def chunk_count(self, ino: int) -> int:
-        """How many chunk rows a regular file has beyond the one its node row can hold
-        (0 for a file of one chunk or none)."""
+        """The number of a regular file's rows in the chunk table (0 for a file of one
+        chunk, which its node row holds, and for one without data)."""
         row = self._one("SELECT count(*) FROM chunk WHERE ino = ?", (ino,))
         return row[0] if row else 0
 
