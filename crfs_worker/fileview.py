@@ -292,7 +292,7 @@ class ReadAheadPusher:
 # ---------------------------------------------------------------------------- directory listings
 
 Listing = list[tuple[str, Node, NodeAttr]]
-LISTED_ENTRIES = 1 << 16  # entries of immutable directories kept listed (~0.4 KiB each)
+LISTED_ENTRIES = 1 << 16  # entries of immutable directories kept listed (~0.6 KiB each)
 
 
 @dataclass
