@@ -210,12 +210,13 @@ class Podman:
         if root in self.roots:
             self.roots.remove(root)
 
-    def cold_worker(self) -> None:
+    def cold_worker(self, background: bool = False) -> None:
         """A fresh worker over empty caches (indexes, chunks, whole files): a cold start.
-        Background fetch is off, so what is fetched is what the container needed."""
+        Background fetch is off unless asked for, so what is fetched is what the container
+        needed."""
         self.user.stop_worker()
         self.user.clear_crfs_cache()
-        self.user.start_worker()
+        self.user.start_worker(background=background)
         if not self.user.store_mounted():
             raise BenchError(f"the worker does not serve {self.user.store}: {self.user.worker_log()}")
 

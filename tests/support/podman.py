@@ -181,10 +181,11 @@ class PodmanUser:
     def worker_pid(self) -> int | None:
         return worker_pid(self.crfs_runtime)
 
-    def start_worker(self, *extra: str) -> int:
+    def start_worker(self, *extra: str, background: bool = False) -> int:
         # The command setup-rootless.sh installed: it works even when USER cannot read
         # this checkout (then it runs crfs from /opt/crfs).
-        self.run([CRFS_COMMAND, "worker", "--detach", "--no-background-fetch", *extra])
+        quiet = () if background else ("--no-background-fetch",)
+        self.run([CRFS_COMMAND, "worker", "--detach", *quiet, *extra])
         pid = self.worker_pid()
         if pid is None:
             raise CommandError(f"{self.name}'s crfs worker did not stay up: {self.worker_log()}")
