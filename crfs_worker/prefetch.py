@@ -252,9 +252,11 @@ def prefetch_prioritized(target: MountedLayer, fetcher: ChunkFetcher) -> None:
     (later calls return at once), and returns: `target.prefetch` tells how it goes. A
     failure is recorded and logged, not raised: reads then fetch on demand."""
     with target.prefetch_lock:
-        if target.prefetch.state != "pending":
-            return
-        target.prefetch.state = "running"
+        status = target.prefetch
+        with status.lock:
+            if status.state != "pending":
+                return
+            status.state = "running"
     if not fetcher.detach(_prefetch, target, fetcher):
         target.prefetch.finish("failed", "the worker is stopping")
 
