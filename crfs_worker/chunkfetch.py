@@ -6,8 +6,9 @@ prefetch, the background fetch) comes here, so that:
   readers, layers and images want it at the same time (single-flight: the first caller
   fetches, the others wait for it and then read the store);
 - it is verified (`decode`) before it is stored, and stored before anyone reads it;
-- on-demand reads go first: background fetches start a request only while no on-demand
-  fetch is running (`FetchGate`);
+- on-demand reads go first (`FetchGate`): background fetches start only after on-demand
+  fetches have been quiet for a while, and a background stream yields (stops, releasing
+  the chunks it has not landed) as soon as an on-demand fetch starts;
 - a streamed range (the mount-time prefetch, `stream_span`) lands each chunk as soon as its
   bytes are in; if the stream fails, the chunks it has not landed are released, and their
   waiters fetch them on demand instead of sharing its failure.
@@ -19,9 +20,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
 
@@ -152,27 +154,72 @@ class AheadPolicy:
 
 @dataclass
 class FetchGate:
-    """Counts on-demand fetches in progress; background fetches wait until there are none."""
+    """On-demand fetches before background ones.
 
+    Counts the on-demand fetches in progress (and readers waiting on a fetch) and when the
+    last one ended. A background fetch starts only once none has run for a quiet period
+    (`wait_quiet`), and a background stream already open yields to the next that starts
+    (`interrupted`, checked between pieces of the stream). A mount counts as activity
+    (`note_activity`): the container that follows starts reading at once. `clock` is
+    injectable for tests."""
+
+    clock: Callable[[], float] = time.monotonic
     _active: int = field(default=0, init=False)
+    _started: int = field(default=0, init=False)  # activity so far: what a background span watches
+    _last: float = field(default=float("-inf"), init=False)
+    _waiting: int = field(default=0, init=False)
     _changed: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
 
     @contextmanager
     def on_demand(self) -> Iterator[None]:
         with self._changed:
             self._active += 1
+            self._started += 1
+            self._last = self.clock()
         try:
             yield
         finally:
             with self._changed:
                 self._active -= 1
+                self._last = self.clock()  # the quiet period counts from the end
                 self._changed.notify_all()
 
-    def wait_quiet(self, stop: threading.Event, poll: float = 0.5) -> None:
-        """Returns once no on-demand fetch runs (or `stop` is set)."""
+    def note_activity(self) -> None:
+        """Something that on-demand reads follow (a mount): background fetches wait anew,
+        and the open ones yield."""
         with self._changed:
-            while self._active and not stop.is_set():
-                self._changed.wait(poll)
+            self._started += 1
+            self._last = self.clock()
+            self._changed.notify_all()
+
+    def wait_quiet(self, stop: threading.Event, quiet: float = 0.0, poll: float = 0.5) -> int:
+        """Returns once no on-demand fetch has run for `quiet` seconds (or `stop` is set):
+        the token that `interrupted` compares against."""
+        with self._changed:
+            self._waiting += 1
+            try:
+                while not stop.is_set():
+                    left = quiet - (self.clock() - self._last)
+                    if not self._active and left <= 0:
+                        break
+                    self._changed.wait(poll if self._active else min(poll, left))
+            finally:
+                self._waiting -= 1
+            return self._started
+
+    def interrupted(self, token: int) -> bool:
+        """Whether on-demand activity started since `wait_quiet` returned `token`."""
+        return self._started != token
+
+    @property
+    def waiting(self) -> int:
+        """Background fetches waiting for quiet now (for tests and stats)."""
+        return self._waiting
+
+    def recheck(self) -> None:
+        """Wakes the waiters to look at the clock again (tests that move an injected clock)."""
+        with self._changed:
+            self._changed.notify_all()
 
 
 # ---------------------------------------------------------------------------- single flight
@@ -362,15 +409,22 @@ class ChunkFetcher:
             missing[key] = chunk
         if not missing:
             return fresh
-        mine, theirs = self._claim(target, list(missing.values()))
+        # A reader that waits on someone else's flight is on-demand too: a background
+        # stream holding its chunk yields (releasing it) rather than make it wait behind
+        # the rest of a long range.
+        with self.gate.on_demand() if on_demand else nullcontext():
+            fresh.update(self._fetch_or_wait(target, list(missing.values()), on_demand, trust_store))
+        return fresh
+
+    def _fetch_or_wait(self, target: FetchTarget, missing: list[ChunkLike], on_demand: bool,
+                       trust_store: bool) -> dict[Hashable, bytes]:
+        fresh: dict[Hashable, bytes] = {}
+        mine, theirs = self._claim(target, missing)
         if mine:
             spans = spans_for(mine, self.read_gap, 1 << 62)
             if on_demand:
-                with self.gate.on_demand():
-                    spans = [self._coalesced(target, span) for span in spans]
-                    fresh.update(self._fetch_claimed(target, spans))
-            else:
-                fresh.update(self._fetch_claimed(target, spans))
+                spans = [self._coalesced(target, span) for span in spans]
+            fresh.update(self._fetch_claimed(target, spans))
         released: list[ChunkLike] = []
         for chunk, key, flight in theirs:
             flight.done.wait()
@@ -380,7 +434,7 @@ class ChunkFetcher:
                 raise _same_error(flight.error)
             elif flight.data is not None:
                 fresh[key] = flight.data
-        if released:  # their fetcher gave up on them (a failed prefetch): fetch them here
+        if released:  # their fetcher gave up on them (a failed or yielding stream): fetch them here
             fresh.update(self.ensure(target, released, on_demand=on_demand, trust_store=trust_store))
         return fresh
 
@@ -411,14 +465,18 @@ class ChunkFetcher:
         return sum(len(data) for data in stored.values())
 
     def stream_span(self, target: FetchTarget, span: Span,
-                    on_stored: Callable[[int], None] | None = None) -> int:
+                    on_stored: Callable[[int], None] | None = None, *,
+                    should_yield: Callable[[], bool] | None = None, narrow: bool = False) -> int:
         """Fetches the digested chunks of `span` that are neither stored nor in flight, in
-        ONE request for the whole span, landing each as soon as its bytes are in: it is
-        decoded, verified and stored (in a thread of its own, so the network read never
-        waits on inflate), and its waiters wake then. `on_stored(n)` is told of each chunk
-        stored. If the stream fails, or a chunk fails verification, the chunks not landed
-        are released (their waiters fetch them on demand) and the first failure is raised
-        once the rest has landed. Returns the bytes stored."""
+        ONE request for the whole span (with `narrow`, from the first of those chunks to the
+        last), landing each as soon as its bytes are in: it is decoded, verified and stored
+        (in a thread of its own, so the network read never waits on inflate), and its
+        waiters wake then. `on_stored(n)` is told of each chunk stored. If the stream fails,
+        or a chunk fails verification, the chunks not landed are released (their waiters
+        fetch them on demand) and the first failure is raised once the rest has landed.
+        If `should_yield()` turns true (checked before the request and after each piece of
+        the stream), the stream is closed there: the chunks whose bytes are in land, the
+        others are released, without error. Returns the bytes stored."""
         wanted = []
         for chunk in span.chunks:
             if chunk.digest is None:
@@ -436,8 +494,10 @@ class ChunkFetcher:
         try:
             while ordered and ordered[0].zeros:
                 lander.put(ordered.popleft(), b"")
-            if ordered:
-                self._stream_into(target, span, ordered, lander)
+            if ordered and not (should_yield is not None and should_yield()):
+                if narrow:
+                    span = Span(ordered[0].cstart, max(c.cend for c in ordered), span.chunks)
+                self._stream_into(target, span, ordered, lander, should_yield)
         finally:
             for chunk in ordered:  # not handed over: the stream failed or stopped
                 self._land(target, chunk, None, None, released=True)
@@ -447,9 +507,10 @@ class ChunkFetcher:
         return lander.stored
 
     def _stream_into(self, target: FetchTarget, span: Span, ordered: "deque[ChunkLike]",
-                     lander: "_Lander") -> None:
+                     lander: "_Lander", should_yield: Callable[[], bool] | None = None) -> None:
         """Reads the span's stream, handing each chunk of `ordered` (by blob offset) to
-        `lander` once its bytes are in, and keeping only the bytes chunks still need."""
+        `lander` once its bytes are in, and keeping only the bytes chunks still need;
+        stops early (chunks left in `ordered`) once `should_yield()`."""
         buffer = bytearray()
         base = span.start  # the blob offset of buffer[0]
         # Closed at once on failure: the request ends (and stops counting as in flight).
@@ -461,6 +522,8 @@ class ChunkFetcher:
                 while ordered and ordered[0].cend <= base + len(buffer):
                     chunk = ordered.popleft()
                     lander.put(chunk, bytes(buffer[chunk.cstart - base:chunk.cend - base]))
+                if ordered and should_yield is not None and should_yield():
+                    return  # closed here: a partly received chunk is fetched again later
                 # Chunks are in blob order: bytes before the next one's start are done with.
                 drop = (ordered[0].cstart if ordered else base + len(buffer)) - base
                 if drop > 0:
