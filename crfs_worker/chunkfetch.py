@@ -212,6 +212,11 @@ class FetchGate:
         return self._started != token
 
     @property
+    def active(self) -> int:
+        """On-demand fetches (and readers waiting on fetches) in progress now."""
+        return self._active
+
+    @property
     def waiting(self) -> int:
         """Background fetches waiting for quiet now (for tests and stats)."""
         return self._waiting
