@@ -134,9 +134,17 @@ def _counting_wrapper(blob: BlobReader) -> Any | None:
 
 
 def _counted_stream(wrapper: Any, offset: int, length: int) -> Iterator[bytes]:
-    with wrapper.rounds.request() as new_round:
-        yield from stream_range(wrapper.blob, offset, length)
-    wrapper.stats.count_fetch(length, new_round)
+    delivered, new_round = 0, False
+    try:
+        with wrapper.rounds.request() as new_round:
+            for piece in stream_range(wrapper.blob, offset, length):
+                delivered += len(piece)
+                yield piece
+    finally:
+        # Also a stream closed early (a background range yielding to a reader): the
+        # request was made and these bytes crossed the link.
+        if delivered:
+            wrapper.stats.count_fetch(delivered, new_round)
 
 
 def _registry_blob(blob: BlobReader) -> Any | None:

@@ -333,6 +333,7 @@ class BackgroundFetcher:
             for timer in self._timers:
                 timer.cancel()
             self._wake.notify_all()
+        self.fetcher.gate.recheck()  # those waiting for quiet see the stop at once
         if self._thread is not None:
             self._thread.join(timeout=10)
 
