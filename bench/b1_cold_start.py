@@ -6,7 +6,8 @@ by `crfs optimize` for the command ("optimised image": the files it opens come f
 are prefetched in one range at mount), each pulled through the additional layer store
 and run lazily, with an empty podman storage and a fresh worker over empty caches: once
 with podman's plain fuse-overlayfs reading the store ("store path") and once with crfs's
-mount program reading store layers through crfs.so ("plugin path"). These workers fetch
+mount program reading store layers through crfs.so ("plugin path"), both with the
+overlay.mountopt of the storage.conf crfs ships (fast_ino=1). These workers fetch
 only what is read (`--no-background-fetch`); one more row runs the plugin path with the
 worker's default, the background fetch of the whole layer on, as a user gets it.
 Baseline: `podman run` (pull and run) of the same image as gzip into an empty storage.
@@ -69,7 +70,7 @@ class ColdRun:
 
 def crfs_cold_start(pod: Podman, net: Network, image: BenchImage, link: str, variant: Variant) -> ColdRun:
     background = "-bg" if variant.background else ""
-    root = pod.fresh_root(f"b1-{variant.path}-{variant.tag}{background}-{link[:4]}", variant.path)  # runroot <= 50 chars
+    root = pod.crfs_root(f"b1-{variant.path}-{variant.tag}{background}-{link[:4]}", variant.path)  # runroot <= 50 chars
     try:
         pod.cold_worker(background=variant.background)
         registry = net.registry(link)

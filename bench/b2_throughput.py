@@ -58,7 +58,7 @@ def _read_rate(pod: Podman, root: PodmanRoot, ref: str) -> float:
 
 def crfs_reads(pod: Podman, net: Network, image: BenchImage, link: str, path: str) -> tuple[float, float]:
     """(cold, warm) MB/s: the first read after a lazy pull, then a second container's."""
-    root = pod.fresh_root(f"b2-{path}-{link}", path)
+    root = pod.crfs_root(f"b2-{path}-{link}", path)
     try:
         pod.cold_worker()
         ref = image.ref(net.netloc(link), "esgz")

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import threading
 import time
+import tomllib
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,14 @@ from tests.support.registry import LoggedRegistry
 from tests.support.workers import stop_worker
 
 NETNS_PORT = 5000   # the namespace is ours alone: any port is free there
+
+
+def storage_conf_mountopt() -> str:
+    """overlay.mountopt of the storage.conf crfs ships (podman-examples/): what a user's
+    podman gives fuse-overlayfs. podman drops it once --root is given, so the crfs roots
+    of the benchmarks pass it again."""
+    with (REPO / "podman-examples" / "storage.conf").open("rb") as f:
+        return str(tomllib.load(f)["storage"]["options"]["overlay"].get("mountopt", ""))
 
 USER = "crfs-bench"          # not the tests' user: a test session may run beside a benchmark
 LINKS = ("loopback", "emulated")
@@ -192,6 +201,10 @@ class Podman:
     user: PodmanUser
     base: Path
     roots: list[PodmanRoot] = field(default_factory=list)
+
+    def crfs_root(self, name: str, path: str) -> PodmanRoot:
+        """An empty podman storage for crfs's `path`, configured as storage.conf has it."""
+        return self.fresh_root(name, path, storage_conf_mountopt())
 
     def fresh_root(self, name: str, path: str, mountopt: str = "") -> PodmanRoot:
         """An empty podman storage whose mount program is that of `path` ("store"/"plugin"),
