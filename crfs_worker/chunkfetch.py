@@ -529,8 +529,9 @@ class ChunkFetcher:
                     lander.put(chunk, bytes(buffer[chunk.cstart - base:chunk.cend - base]))
                 if ordered and should_yield is not None and should_yield():
                     return  # closed here: a partly received chunk is fetched again later
-                # Chunks are in blob order: bytes before the next one's start are done with.
-                drop = (ordered[0].cstart if ordered else base + len(buffer)) - base
+                # Chunks are in blob order: bytes before the next one's start are done with
+                # (a hole between chunks may go on past the bytes in so far).
+                drop = min((ordered[0].cstart if ordered else base + len(buffer)) - base, len(buffer))
                 if drop > 0:
                     del buffer[:drop]
                     base += drop

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from crfs_worker.chunkfetch import FetchGate
+from crfs_worker.chunkfetch import AheadPolicy, FetchGate
 from crfs_worker.chunkstore import ChunkStore
 from crfs_worker.errors import CrfsError
 from crfs_worker.layerkeys import KeyStore, LayerRecord
@@ -60,6 +60,7 @@ class StreamingBlob(MemBlob):
         super().__init__(data, name)
         self.clock = clock
         self.hold_at: int | None = None
+        self.piece_ends: set[int] = set()  # blob offsets where a piece ends, besides every 16 KiB
         self.streams: list[dict[str, Any]] = []
         self.holding = threading.Event()
         self._released = threading.Event()
@@ -75,6 +76,7 @@ class StreamingBlob(MemBlob):
             upto = min(at + (16 << 10), end)
             if self.hold_at is not None and at < self.hold_at <= upto:
                 upto = self.hold_at
+            upto = min([upto] + [end for end in self.piece_ends if at < end < upto])
             record["delivered"] += upto - at
             yield self.data[at:upto]
             at = upto
@@ -96,14 +98,16 @@ class Worker:
     """A LayerTable with the background fetch on, over one layer whose blob is a
     StreamingBlob, and a test clock in its fetch gate."""
 
-    def __init__(self, tmp: Path, blob: blobgen.Blob, quiet: float) -> None:
+    def __init__(self, tmp: Path, blob: blobgen.Blob, quiet: float, range_gap: int) -> None:
         keys = KeyStore(tmp / "rt")
         record = LayerRecord("file", "layer", toc_digest=blob.toc_digest, annotations=dict(blob.annotations))
         self.num = keys.number_for(record)
         self.clock = TestClock()
         self.blob = StreamingBlob(blob.data, "streaming-blob", self.clock)
         self.store = ChunkStore(tmp / "chunks")
-        options = FetchOptions(background=True, quiet=quiet, retry_delays=())
+        # On-demand reads fetch just what they ask for (no neighbours, no read-ahead).
+        options = FetchOptions(background=True, quiet=quiet, retry_delays=(), range_gap=range_gap,
+                               ahead=AheadPolicy(coalesce=0, read_ahead=0))
         self.table = LayerTable(keys, tmp / "index", self.store, options, blob_opener=lambda record: self.blob)
         self.gate: FetchGate = self.table.fetcher.gate
         self.gate.clock = self.clock
@@ -141,11 +145,11 @@ def layer() -> blobgen.Blob:
 
 
 @pytest.fixture
-def make_worker(tmp_path: Path, layer: blobgen.Blob) -> Iterator[Callable[[float], Worker]]:
+def make_worker(tmp_path: Path, layer: blobgen.Blob) -> Iterator[Callable[..., Worker]]:
     made: list[Worker] = []
 
-    def make(quiet: float) -> Worker:
-        made.append(Worker(tmp_path, layer, quiet))
+    def make(quiet: float, range_gap: int = FetchOptions.range_gap) -> Worker:
+        made.append(Worker(tmp_path, layer, quiet, range_gap))
         return made[-1]
 
     yield make
@@ -160,7 +164,7 @@ def _looked_again(worker: Worker) -> None:
     wait_for(lambda: worker.clock.readings > before, "the background fetch to look at the clock")
 
 
-def test_background_starts_only_after_a_quiet_period(make_worker: Callable[[float], Worker]) -> None:
+def test_background_starts_only_after_a_quiet_period(make_worker: Callable[..., Worker]) -> None:
     worker = make_worker(5.0)
     worker.table.mount(worker.num)  # at 100: the mount is activity
     wait_for(lambda: worker.gate.waiting == 1, "the background fetch to wait for quiet")
@@ -180,7 +184,7 @@ def test_background_starts_only_after_a_quiet_period(make_worker: Callable[[floa
     assert worker.read("a/big", len(BIG)) == BIG
 
 
-def test_a_background_range_yields_to_an_on_demand_fetch(make_worker: Callable[[float], Worker]) -> None:
+def test_a_background_range_yields_to_an_on_demand_fetch(make_worker: Callable[..., Worker]) -> None:
     worker = make_worker(0.0)
     big = worker.chunks("a/big", len(BIG))
     small = worker.chunks("a/small", len(SMALL))
@@ -210,6 +214,25 @@ def test_a_background_range_yields_to_an_on_demand_fetch(make_worker: Callable[[
     assert worker.read("a/big", len(BIG)) == BIG
     progress = worker.live.background.as_dict()
     assert progress["done"] == progress["total"] > 0
+
+
+def test_holes_in_a_background_range_are_skipped_not_misread(make_worker: Callable[..., Worker]) -> None:
+    """A background range runs over chunks stored meanwhile (holes in what it needs, longer
+    than a piece of the stream) and tar headers between files (a piece may end inside)."""
+    worker = make_worker(0.0, range_gap=1 << 20)  # one range over what is stored
+    big = worker.chunks("a/big", len(BIG))
+    small = worker.chunks("a/small", len(SMALL))
+    # Read on demand first: a/big's chunks 2 and 3 (128 KiB of hole for the background).
+    assert worker.table.read(worker.num, "a/big", big[2].offset, 2 * CHUNK) == BIG[2 * CHUNK:4 * CHUNK]
+    # Pieces of the stream end one byte into the header between a/big and a/small.
+    worker.blob.piece_ends = {big[-1].cend + 1}
+    worker.table.mount(worker.num)
+    worker.wait_complete()
+    [stream] = worker.blob.streams
+    assert (stream["offset"], stream["offset"] + stream["length"]) == (big[0].cstart, small[-1].cend)
+    assert worker.live.stats.verification_failures == 0
+    assert worker.all_stored()
+    assert worker.read("a/big", len(BIG)) == BIG and worker.read("a/small", len(SMALL)) == SMALL
 
 
 def test_gate_tokens_and_quiet_period() -> None:
