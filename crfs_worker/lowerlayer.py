@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from .accesslog import AccessLog
-from .blob import BlobReader, LocalBlob
+from .blob import BlobReader, LocalBlob, stream_range
 from .chunkfetch import ChunkFetcher
 from .blobtail import TailKeepingBlob, tail_path
 from .chunkstore import FULL_DISK_ERRNOS, ChunkStore
@@ -158,6 +158,20 @@ class CountingBlob:
             data = self.blob.read_range(offset, length)
         self.stats.count_fetch(length, new_round)
         return data
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """The blob's range as it streams (blob.stream_range), counted as one request; a
+        stream closed early (a background range yielding to a reader) counts the bytes it
+        carried."""
+        delivered, new_round = 0, False
+        try:
+            with self.rounds.request() as new_round:
+                for piece in stream_range(self.blob, offset, length):
+                    delivered += len(piece)
+                    yield piece
+        finally:
+            if delivered:
+                self.stats.count_fetch(delivered, new_round)
 
 
 # ---------------------------------------------------------------------------- layers

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Mapping, TypeVar
 import httpx
 
 from .auth import Authenticator, CredentialStore, Scopes, TokenResponse, pull_scope, push_scope
-from .blob import check_range
+from .blob import ResumeBound, StreamBroken, check_range, resuming
 from .errors import (
     AuthError,
     CrfsError,
@@ -279,15 +279,35 @@ class RegistryBlob:
         check_range(self, offset, length)
         if length == 0:
             return b""
+        return self._from_sources(lambda source: self.client._read_range_from(source, self.digest, offset, length))
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) in pieces as they arrive: one ranged GET, resumed
+        from the first byte not yet delivered when its body breaks off, within the client's
+        retry bound (opening each try is retried as any request is)."""
+        check_range(self, offset, length)
+        if length == 0:
+            return
+        retry = self.client.config.retry
+        bound = ResumeBound(retry.attempts, retry.total_max, retry.backoff_base, retry.backoff_max)
+        yield from resuming(self._stream_once, offset, length, bound, self.name)
+
+    def _stream_once(self, offset: int, length: int) -> Iterator[bytes]:
+        response = self._from_sources(lambda source: self.client._open_range_from(source, self.digest, offset, length))
+        yield from self.client._range_pieces(response, length)
+
+    def _from_sources(self, fetch: Callable[[PullSource], T]) -> T:
+        """`fetch` from the source that answered before; if that was a mirror and it fails
+        now, or none answered yet, from each source in order."""
         source = self._source
         if source is not None:
             try:
-                return self.client._read_range_from(source, self.digest, offset, length)
+                return fetch(source)
             except RegistryError:
                 if not source.mirror:
                     raise
-        data, self._source = self.client._read_range_any(self.ref, self.digest, offset, length)
-        return data
+        result, self._source = self.client._from_pull_sources_with_source(self.ref, fetch)
+        return result
 
 
 @dataclass
@@ -560,6 +580,45 @@ class RegistryClient:
         return self._from_pull_sources_with_source(
             ref, lambda source: self._read_range_from(source, digest, offset, length)
         )
+
+    def _open_range_from(self, source: PullSource, digest: str, offset: int, length: int) -> httpx.Response:
+        """The open answer to a ranged GET, its Content-Range checked, to be read as it
+        streams (`_range_pieces` closes it)."""
+        ref = source.reference
+        last = offset + length - 1
+        what = f"blob {ref.repository}@{digest} range [{offset}, {offset + length})"
+
+        def check(response: httpx.Response) -> httpx.Response:
+            if response.status_code == 200:
+                announced = response.headers.get("Content-Length", "")
+                if offset == 0 and announced.isdigit() and int(announced) == length:
+                    return response  # the whole blob was asked for
+                response.close()
+                raise _range_ignored(ref.registry, what)
+            _check_content_range(response, ref.registry, what, offset, last)
+            return response
+
+        return self._call(
+            source, "GET", f"blobs/{digest}", (pull_scope(ref.repository),), f"GET {what}",
+            headers={"Range": f"bytes={offset}-{last}"}, accept={200, 206}, handle=check, keep_open=True,
+        )
+
+    def _range_pieces(self, response: httpx.Response, length: int) -> Iterator[bytes]:
+        """One try's body, piece by piece; a body that breaks off, is silent for the read
+        timeout or takes longer than `range_body` seconds is StreamBroken (the caller resumes)."""
+        limit = self._config.timeouts.range_body
+        deadline = time.monotonic() + limit
+        received = 0
+        try:
+            for piece in response.iter_bytes(64 << 10):
+                received += len(piece)
+                yield piece
+                if received < length and time.monotonic() > deadline:
+                    raise StreamBroken(f"body too slow: {received} of {length} bytes in {limit} s")
+        except httpx.HTTPError as exc:
+            raise StreamBroken(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            response.close()
 
     def _read_range_from(self, source: PullSource, digest: str, offset: int, length: int) -> bytes:
         ref = source.reference
@@ -946,7 +1005,11 @@ def _whole_blob_as_range(response: httpx.Response, registry: str, what: str, off
         if len(data) == length:
             return data
     response.close()
-    raise RangeNotSupportedError(
+    raise _range_ignored(registry, what)
+
+
+def _range_ignored(registry: str, what: str) -> RangeNotSupportedError:
+    return RangeNotSupportedError(
         f"registry {registry}: {what}: the registry ignored the Range header and answered "
         "with the whole blob (HTTP 200); crfs needs registries that serve byte ranges"
     )
