@@ -30,6 +30,7 @@ from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
 from .blob import BlobReader, stream_range
 from .chunkstore import ChunkStore, StoreFullError
 from .errors import CrfsError
+from .readrun import ReadRun
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class FetchTarget(Protocol):
     def following(self, chunk: Any, end: int) -> Sequence[Any]:
         """The digested chunks right after `chunk` in the blob, ending by offset `end`
         (Layer.chunks_after)."""
+        ...
+
+    def preceding(self, chunk: Any, start: int) -> Sequence[Any]:
+        """The digested chunks right before `chunk` in the blob, from offset `start`, in
+        blob order (Layer.chunks_before)."""
         ...
 
 
@@ -278,11 +284,10 @@ class _MemoryCache:
 
 @dataclass
 class _ReadState:
-    """The reads of one file: the range the current run of (nearly) back-to-back reads
-    covers, and after which chunk the read-ahead was last planned (-1: not yet)."""
+    """The reads of one file: their current run, and after which chunk the read-ahead was
+    last planned (-1: not yet)."""
 
-    start: int
-    end: int
+    run: ReadRun = field(default_factory=ReadRun)
     planned: int = -1
 
 
@@ -539,23 +544,29 @@ class ChunkFetcher:
     # ---------------------------------------------------------------- beyond the request
 
     def _coalesced(self, target: FetchTarget, span: Span) -> Span:
-        """`span` extended over the claimable chunks right after it, within the coalesce
-        window; they travel as `extra`. A chunk that is local or in flight ends the run."""
+        """`span` extended over the claimable chunks right after it and, within a quarter
+        of the coalesce window, right before it (a directory's files are opened in the
+        program's order, not the blob's); they travel as `extra`. A chunk that is local
+        or in flight ends a run."""
         limit = self.policy.coalesce
         fetched = [c for c in span.chunks if not c.zeros]
         if not fetched or span.length >= limit:
             return span
+        first = min(fetched, key=lambda c: c.cstart)
         last = max(fetched, key=lambda c: c.cend)
         try:
             # Within the blob: a TOC is untrusted, and a bad neighbour must not fail the asker.
             after = target.following(last, min(span.start + limit, target.blob.size))
+            before = target.preceding(first, max(0, span.start - limit // 4))
         except Exception as exc:  # optional: the asked-for chunks (claimed) must not wait on this
             log.warning("%s: %s: no neighbours fetched: %s", target.blob.name, last.path, exc)
             return span
         run = self._claim_run(target, after)
-        if not run:
+        back = self._claim_run(target, before[::-1])[::-1]  # nearest first: a claimed one ends it
+        if not run and not back:
             return span
-        return Span(span.start, run[-1].cend, span.chunks, tuple(run))
+        return Span(back[0].cstart if back else span.start, run[-1].cend if run else span.end,
+                    span.chunks, tuple(back) + tuple(run))
 
     def _claim_run(self, target: FetchTarget, chunks: Sequence[ChunkLike]) -> list[ChunkLike]:
         """Claims `chunks` in order up to the first that is local or someone's flight."""
@@ -598,13 +609,10 @@ class ChunkFetcher:
         with self._lock:
             if self._closed:
                 return False
-            state = self._reads.pop(key, None)
-            slack = self.policy.sequential_slack
-            if state is None or not state.start - slack <= offset <= state.end + slack:
-                state = _ReadState(offset, offset)
-            state.start = min(state.start, offset)
-            state.end = max(state.end, offset + size)
-            go = state.end - state.start >= self.policy.sequential_run and state.planned != last.offset
+            state = self._reads.pop(key, None) or _ReadState()
+            if not state.run.note(offset, size, self.policy.sequential_slack):
+                state.planned = -1  # a new run
+            go = state.run.length >= self.policy.sequential_run and state.planned != last.offset
             if go:
                 state.planned = last.offset
             self._reads[key] = state

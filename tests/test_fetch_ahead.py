@@ -95,12 +95,28 @@ def test_a_cold_small_file_brings_the_rest_of_its_directory_in_one_request(
     for i in range(1, 20):
         assert w.read(f"a/f{i:02}") == blob.files[f"a/f{i:02}"]
     assert len(w.new_requests()) == 1  # the whole directory came with it
-    # Another directory's files are not neighbours: b/ needs a request of its own.
+    # Another directory's files are not neighbours: b/ needs a request of its own. It
+    # takes b/'s files before the asked one too (a program opens them in its own order).
     assert not w.stored("b/f00")
     assert w.read("b/f03") == blob.files["b/f03"]
     assert len(w.new_requests()) == 2
-    assert w.stored("b/f04") and not w.stored("b/f00")  # only what follows, in blob order
+    assert all(w.stored(f"b/f{i:02}") for i in range(5))
     assert w.live.stats.verification_failures == 0
+
+
+def test_files_before_the_asked_one_come_within_a_quarter_window_and_only_from_its_directory(
+        tmp_path: Path, blob: blobgen.Blob) -> None:
+    window = 8 * SMALL
+    w = Worker(tmp_path, blob, replace(NO_READ_AHEAD, coalesce=window))
+    assert w.read("a/f10") == blob.files["a/f10"]
+    assert len(w.new_requests()) == 1
+    reach = w.chunk("a/f10").cstart - window // 4
+    came = [i for i in range(10) if w.stored(f"a/f{i:02}")]
+    assert came == [i for i in range(10) if w.chunk(f"a/f{i:02}").cstart >= reach]
+    assert 9 in came and 0 not in came
+    w2 = Worker(tmp_path / "2", blob, NO_READ_AHEAD)
+    w2.read("b/f00")  # a/f19 lies right before it in the blob, in another directory
+    assert not w2.stored("a/f19")
 
 
 def test_the_coalesce_window_bounds_the_request(tmp_path: Path, blob: blobgen.Blob) -> None:
