@@ -448,32 +448,6 @@ class ChunkFetcher:
             fresh.update(self.ensure(target, released, on_demand=on_demand, trust_store=trust_store))
         return fresh
 
-    def fetch_span(self, target: FetchTarget, span: Span, *, narrow: bool = True) -> int:
-        """Fetches the digested chunks of `span` that are not stored yet, in ONE request,
-        verifies and stores them; chunks others are fetching are left to them. The request
-        covers just those chunks, or with `narrow=False` the whole span. Returns the
-        bytes stored."""
-        wanted = []
-        for chunk in span.chunks:
-            if chunk.digest is None:
-                continue
-            if self.store.check(chunk.digest, chunk.size):
-                target.note_local(chunk.digest, chunk.size)
-            else:
-                wanted.append(chunk)
-        mine, _theirs = self._claim(target, wanted)
-        if not mine:
-            return 0
-        fetched = [c for c in mine if not c.zeros]
-        spans = [Span(0, 0, tuple(c for c in mine if c.zeros))]
-        if fetched:
-            start, end = span.start, span.end
-            if narrow:
-                start, end = min(c.cstart for c in fetched), max(c.cend for c in fetched)
-            spans.append(Span(start, end, tuple(fetched)))
-        stored = self._fetch_claimed(target, spans)
-        return sum(len(data) for data in stored.values())
-
     def stream_span(self, target: FetchTarget, span: Span,
                     on_stored: Callable[[int], None] | None = None, *,
                     should_yield: Callable[[], bool] | None = None, narrow: bool = False) -> int:

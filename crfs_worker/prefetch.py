@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Iterator, Mapping, Protocol
 
 from .chunkfetch import AheadPolicy, ChunkFetcher, ChunkLike, FetchTarget, Span, spans_for
@@ -86,8 +87,8 @@ class FetchOptions:
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None, *,
                          background: bool | None = None) -> "FetchOptions":
-        """CRFS_BACKGROUND_FETCH (1/0), CRFS_BACKGROUND_QUIET (seconds), CRFS_FETCH_ATTEMPTS, CRFS_FETCH_DEADLINE,
-        CRFS_FETCH_COALESCE and CRFS_FETCH_READ_AHEAD (bytes; 0 = off), CRFS_FETCH_PARALLEL
+        """CRFS_BACKGROUND_FETCH (1/0), CRFS_BACKGROUND_QUIET (seconds), CRFS_FETCH_ATTEMPTS,
+        CRFS_FETCH_DEADLINE, CRFS_FETCH_COALESCE and CRFS_FETCH_READ_AHEAD (bytes; 0 = off), CRFS_FETCH_PARALLEL
         (read-ahead requests in flight); an explicit `background` (the worker's
         --no-background-fetch) wins over the variable."""
         env = os.environ if env is None else env
@@ -420,8 +421,8 @@ class BackgroundFetcher:
             if self._stop.is_set() or give_up.is_set():
                 break
             try:
-                self.fetcher.stream_span(target, part, narrow=True, should_yield=lambda: (
-                    self._stop.is_set() or self.fetcher.gate.interrupted(token)))
+                self.fetcher.stream_span(target, part, narrow=True,
+                                         should_yield=partial(self._should_yield, token))
             except RegistryError as exc:
                 give_up.set()
                 errors.append(exc)
@@ -433,6 +434,9 @@ class BackgroundFetcher:
                 left = [c for c in part.chunks if not self._stored(c)]
                 pending = spans_for(left, self.options.range_gap, self.options.range_limit) + pending
         target.background.add_done(sum(c.size for c in span.chunks if self._stored(c)))
+
+    def _should_yield(self, token: int) -> bool:
+        return self._stop.is_set() or self.fetcher.gate.interrupted(token)
 
     def _stored(self, chunk: ChunkLike) -> bool:
         return chunk.digest is not None and self.fetcher.store.has(chunk.digest, chunk.size)
