@@ -25,7 +25,7 @@ from crfs_worker.chunkstore import ChunkStore
 from crfs_worker.errors import CrfsError
 from crfs_worker.layerkeys import KeyStore, LayerRecord
 from crfs_worker.lowerlayer import LayerTable, LiveLayer
-from crfs_worker.prefetch import FetchOptions
+from crfs_worker.prefetch import FetchOptions, prefetch_prioritized
 from tests import blobgen
 from tests.blobgen import MemBlob, dir_, reg
 
@@ -35,6 +35,7 @@ CHUNK = 64 << 10
 _rng = random.Random(11)
 BIG = _rng.randbytes(8 * CHUNK)   # eight chunks (incompressible: ~512 KB of blob)
 SMALL = _rng.randbytes(CHUNK)     # one chunk, after BIG in the blob
+PRIORITISED = _rng.randbytes(4 * CHUNK)  # another layer's, before its landmark
 
 
 class TestClock:
@@ -108,7 +109,10 @@ class Worker:
         # On-demand reads fetch just what they ask for (no neighbours, no read-ahead).
         options = FetchOptions(background=True, quiet=quiet, retry_delays=(), range_gap=range_gap,
                                ahead=AheadPolicy(coalesce=0, read_ahead=0))
-        self.table = LayerTable(keys, tmp / "index", self.store, options, blob_opener=lambda record: self.blob)
+        self.keys = keys
+        self.blobs = {"layer": self.blob}
+        self.table = LayerTable(keys, tmp / "index", self.store, options,
+                                blob_opener=lambda record: self.blobs[record.location])
         self.gate: FetchGate = self.table.fetcher.gate
         self.gate.clock = self.clock
         self.live: LiveLayer = self.table.get(self.num)
@@ -116,6 +120,12 @@ class Worker:
 
     def chunks(self, path: str, size: int) -> list[Any]:
         return self.live.layer.chunks_for(path, 0, size)
+
+    def other_layer(self, blob: blobgen.Blob, name: str) -> tuple[LiveLayer, StreamingBlob]:
+        """A second layer of the same worker."""
+        record = LayerRecord("file", name, toc_digest=blob.toc_digest, annotations=dict(blob.annotations))
+        self.blobs[name] = StreamingBlob(blob.data, name, self.clock)
+        return self.table.get(self.keys.number_for(record)), self.blobs[name]
 
     def on_demand_reads(self) -> list[tuple[int, int]]:
         return self.blob.reads[self.opened_at:]
@@ -155,6 +165,12 @@ def make_worker(tmp_path: Path, layer: blobgen.Blob) -> Iterator[Callable[..., W
     yield make
     for worker in made:
         worker.close()
+
+
+@pytest.fixture
+def optimised() -> blobgen.Blob:
+    specs = [dir_("p"), reg("p/first", PRIORITISED), reg("p/later", SMALL[:1000])]
+    return blobgen.estargz(specs, chunk_size=CHUNK, prefetch=["p/first"])
 
 
 def _looked_again(worker: Worker) -> None:
@@ -233,6 +249,23 @@ def test_holes_in_a_background_range_are_skipped_not_misread(make_worker: Callab
     assert worker.live.stats.verification_failures == 0
     assert worker.all_stored()
     assert worker.read("a/big", len(BIG)) == BIG and worker.read("a/small", len(SMALL)) == SMALL
+
+
+def test_a_mount_time_prefetch_holds_back_the_background_fetch(
+        make_worker: Callable[..., Worker], optimised: blobgen.Blob) -> None:
+    worker = make_worker(0.0)
+    other, other_blob = worker.other_layer(optimised, "optimised")
+    first = other.layer.chunks_for("p/first", 0, len(PRIORITISED))
+    other_blob.hold_at = first[0].cend
+    prefetch_prioritized(other, worker.table.fetcher)  # streams the landmark range, held
+    assert other_blob.holding.wait(DEADLINE), "the prefetch never streamed"
+    worker.table.mount(worker.num)
+    # The container reads the prioritised files now: the background fetch waits.
+    wait_for(lambda: worker.gate.waiting == 1, "the background fetch to wait for quiet")
+    assert worker.gate.active == 1 and worker.blob.streams == []
+    other_blob.release()
+    worker.wait_complete()
+    assert other.prefetch.state == "done" and worker.all_stored()
 
 
 def test_gate_tokens_and_quiet_period() -> None:
