@@ -4,8 +4,8 @@ At mount, the prioritised files of an eStargz layer (everything before `.prefetc
 are fetched in ONE Range request, beside the mount rather than inside it (the mount, and the
 container start, go on meanwhile): each chunk is verified and put in the chunk store as
 soon as its bytes have streamed in, and a reader of a prioritised chunk waits for it there
-(one fetch), while a reader of any other chunk fetches it at once. Then, unless turned off (`crfs worker --no-background-fetch`, CRFS_BACKGROUND_FETCH=0),
-the background fetch makes each mounted layer wholly local: the chunks not yet stored, in
+(one fetch), while a reader of any other chunk fetches it at once. Then, unless turned off
+(`crfs worker --no-background-fetch`, CRFS_BACKGROUND_FETCH=0), the background fetch makes each mounted layer wholly local: the chunks not yet stored, in
 blob order, coalesced into ranges of up to `range_limit` bytes, `parallel` requests in
 flight, each chunk verified before it is stored as its bytes stream in. On-demand reads go
 first (chunkfetch.FetchGate): the background fetch starts only once the worker's on-demand
@@ -88,8 +88,8 @@ class FetchOptions:
     def from_environment(cls, env: Mapping[str, str] | None = None, *,
                          background: bool | None = None) -> "FetchOptions":
         """CRFS_BACKGROUND_FETCH (1/0), CRFS_BACKGROUND_QUIET (seconds), CRFS_FETCH_ATTEMPTS,
-        CRFS_FETCH_DEADLINE, CRFS_FETCH_COALESCE and CRFS_FETCH_READ_AHEAD (bytes; 0 = off), CRFS_FETCH_PARALLEL
-        (read-ahead requests in flight); an explicit `background` (the worker's
+        CRFS_FETCH_DEADLINE, CRFS_FETCH_COALESCE and CRFS_FETCH_READ_AHEAD (bytes; 0 = off),
+        CRFS_FETCH_PARALLEL (read-ahead requests in flight); an explicit `background` (the worker's
         --no-background-fetch) wins over the variable."""
         env = os.environ if env is None else env
         defaults = cls()
