@@ -2,18 +2,18 @@
 
 At mount, the prioritised files of an eStargz layer (everything before `.prefetch.landmark`)
 are fetched in ONE Range request, beside the mount rather than inside it (the mount, and the
-container start, go on meanwhile): each chunk is verified and put in the chunk store as
-soon as its bytes have streamed in, and a reader of a prioritised chunk waits for it there
-(one fetch), while a reader of any other chunk fetches it at once. Then, unless turned off
-(`crfs worker --no-background-fetch`, CRFS_BACKGROUND_FETCH=0), the background fetch makes each mounted layer wholly local: the chunks not yet stored, in
-blob order, coalesced into ranges of up to `range_limit` bytes, `parallel` requests in
-flight, each chunk verified before it is stored as its bytes stream in. On-demand reads go
-first (chunkfetch.FetchGate): the background fetch starts only once the worker's on-demand
-fetches (and mounts, and mount-time prefetches) have been quiet for `quiet` seconds, and
-a background range in flight yields to an on-demand fetch at once: its stream is closed,
-the chunks already in are kept, the others are fetched after the next quiet period. A
-layer whose background fetch failed (registry down) is tried again later, a few times,
-and whenever it is mounted again.
+container start, go on meanwhile): each chunk is verified and put in the chunk store as soon
+as its bytes have streamed in, and a reader of a prioritised chunk waits for it there (one
+fetch), while a reader of any other chunk fetches it at once. Then, unless turned off (`crfs
+worker --no-background-fetch`, CRFS_BACKGROUND_FETCH=0), the background fetch makes each
+mounted layer wholly local: the chunks not yet stored, in blob order, coalesced into ranges
+of up to `range_limit` bytes, `parallel` requests in flight, each chunk verified before it
+is stored as its bytes stream in. On-demand reads go first (chunkfetch.FetchGate): the
+background fetch starts only once the worker's on-demand fetches (and mounts, and mount-time
+prefetches) have been quiet for `quiet` seconds, and a background range in flight yields to
+an on-demand fetch at once: its stream is closed, the chunks already in are kept, the others
+are fetched after the next quiet period. A layer whose background fetch failed (registry
+down) is tried again later, a few times, and whenever it is mounted again.
 
 How long one registry request may take is bounded by CRFS_FETCH_ATTEMPTS tries and
 CRFS_FETCH_DEADLINE seconds: no retry starts after the deadline, and each try gives up
