@@ -6,12 +6,11 @@ Everything above this step (footer, TOC, layer view) reads blobs only through
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
-from .errors import FormatError, RegistryError
+from .errors import FormatError
 
 
 class BlobReader(Protocol):
@@ -77,25 +76,6 @@ class LocalBlob:
 # ---------------------------------------------------------------------------- streaming ranges
 
 
-class StreamBroken(Exception):
-    """One try of a streamed range ended early (connection lost, too slow): the stream
-    resumes from the first byte not yet delivered, within its retry bound."""
-
-
-@dataclass(frozen=True)
-class ResumeBound:
-    """How often, and for how long, a streamed range may be resumed: at most `attempts`
-    tries in all, none started more than `deadline` seconds after the first."""
-
-    attempts: int = 4
-    deadline: float = 30.0
-    backoff_base: float = 0.25
-    backoff_max: float = 4.0
-
-    def delay(self, failures: int) -> float:
-        return min(self.backoff_max, self.backoff_base * 2 ** (failures - 1))
-
-
 def stream_range(blob: BlobReader, offset: int, length: int) -> Iterator[bytes]:
     """Bytes [offset, offset+length) of `blob` in pieces as they arrive, `length` bytes
     in all or an error: its own `stream_range` (a registry blob streams one ranged GET,
@@ -108,34 +88,3 @@ def stream_range(blob: BlobReader, offset: int, length: int) -> Iterator[bytes]:
         yield from own(offset, length)
         return
     yield blob.read_range(offset, length)
-
-
-def resuming(open_at: Callable[[int, int], Iterator[bytes]], offset: int, length: int,
-             bound: ResumeBound, name: str) -> Iterator[bytes]:
-    """The pieces of [offset, offset+length) from tries of `open_at(at, count)`; a try
-    that raises StreamBroken is followed by one from the first byte not yet delivered,
-    within `bound`. Extra bytes a try sends are an error, never delivered."""
-    started = time.monotonic()
-    done = failures = 0
-    while True:
-        pieces = open_at(offset + done, length - done)
-        try:
-            for piece in pieces:
-                if done + len(piece) > length:
-                    raise FormatError(f"{name}: range [{offset}, {offset + length}): more bytes than asked for")
-                done += len(piece)
-                yield piece
-            if done == length:
-                return
-            raise StreamBroken(f"ended after {done} of {length} bytes")
-        except StreamBroken as exc:
-            failures += 1
-            delay = bound.delay(failures)
-            if failures >= bound.attempts or time.monotonic() - started + delay > bound.deadline:
-                raise RegistryError(f"{name}: range [{offset}, {offset + length}) broke off after "
-                                    f"{done} bytes, {failures} attempt(s): {exc}") from None
-        finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
-        time.sleep(delay)

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Mapping, TypeVar
 import httpx
 
 from .auth import Authenticator, CredentialStore, Scopes, TokenResponse, pull_scope, push_scope
-from .blob import ResumeBound, StreamBroken, check_range, resuming
+from .blob import check_range
 from .errors import (
     AuthError,
     CrfsError,
@@ -147,6 +147,43 @@ class Manifest:
     @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_MEDIA_TYPES
+
+
+class _StreamBroken(Exception):
+    """One try of a streamed range ended early (connection lost, too slow): the stream
+    resumes from the first byte not yet delivered, within the retry policy. Never leaves
+    this module."""
+
+
+def _resuming(open_at: Callable[[int, int], Iterator[bytes]], offset: int, length: int,
+              retry: RetryPolicy, name: str) -> Iterator[bytes]:
+    """The pieces of [offset, offset+length) from tries of `open_at(at, count)`; a try
+    that raises _StreamBroken is followed by one from the first byte not yet delivered,
+    within `retry`. Extra bytes a try sends are an error, never delivered."""
+    started = time.monotonic()
+    done = failures = 0
+    while True:
+        pieces = open_at(offset + done, length - done)
+        try:
+            for piece in pieces:
+                if done + len(piece) > length:
+                    raise FormatError(f"{name}: range [{offset}, {offset + length}): more bytes than asked for")
+                done += len(piece)
+                yield piece
+            if done == length:
+                return
+            raise _StreamBroken(f"ended after {done} of {length} bytes")
+        except _StreamBroken as exc:
+            failures += 1
+            delay = retry.delay(failures)
+            if failures >= retry.attempts or time.monotonic() - started + delay > retry.total_max:
+                raise RegistryError(f"{name}: range [{offset}, {offset + length}) broke off after "
+                                    f"{done} bytes, {failures} attempt(s): {exc}") from None
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+        time.sleep(delay)
 
 
 class _Transient(Exception):
@@ -288,9 +325,7 @@ class RegistryBlob:
         check_range(self, offset, length)
         if length == 0:
             return
-        retry = self.client.config.retry
-        bound = ResumeBound(retry.attempts, retry.total_max, retry.backoff_base, retry.backoff_max)
-        yield from resuming(self._stream_once, offset, length, bound, self.name)
+        yield from _resuming(self._stream_once, offset, length, self.client.config.retry, self.name)
 
     def _stream_once(self, offset: int, length: int) -> Iterator[bytes]:
         response = self._from_sources(lambda source: self.client._open_range_from(source, self.digest, offset, length))
@@ -605,7 +640,7 @@ class RegistryClient:
 
     def _range_pieces(self, response: httpx.Response, length: int) -> Iterator[bytes]:
         """One try's body, piece by piece; a body that breaks off, is silent for the read
-        timeout or takes longer than `range_body` seconds is StreamBroken (the caller resumes)."""
+        timeout or takes longer than `range_body` seconds is _StreamBroken (the caller resumes)."""
         limit = self._config.timeouts.range_body
         deadline = time.monotonic() + limit
         received = 0
@@ -614,9 +649,9 @@ class RegistryClient:
                 received += len(piece)
                 yield piece
                 if received < length and time.monotonic() > deadline:
-                    raise StreamBroken(f"body too slow: {received} of {length} bytes in {limit} s")
+                    raise _StreamBroken(f"body too slow: {received} of {length} bytes in {limit} s")
         except httpx.HTTPError as exc:
-            raise StreamBroken(f"{type(exc).__name__}: {exc}") from None
+            raise _StreamBroken(f"{type(exc).__name__}: {exc}") from None
         finally:
             response.close()
 
