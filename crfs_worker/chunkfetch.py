@@ -302,8 +302,7 @@ class ChunkFetcher:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _reads: "OrderedDict[tuple[int, int], _ReadState]" = field(
         default_factory=OrderedDict, init=False, repr=False)
-    _executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
-    _detached: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict, init=False, repr=False)
     _pending: set["Future[None]"] = field(default_factory=set, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
 
@@ -311,23 +310,14 @@ class ChunkFetcher:
         """No more read-ahead or detached work; fetches already started finish (their
         readers wait for them), streams stop at their next piece (releasing their claims)."""
         with self._lock:
-            executors = (self._executor, self._detached)
-            self._executor, self._detached, self._closed = None, None, True
-        for executor in executors:
-            if executor is not None:
-                executor.shutdown(wait=False)
+            pools, self._pools, self._closed = list(self._pools.values()), {}, True
+        for pool in pools:
+            pool.shutdown(wait=False)
 
     def detach(self, fn: Callable[..., None], *args: Any) -> bool:
         """Runs `fn` in a thread of its own kind (the mount-time prefetches: long streams
         that must not hold up read-ahead); False once closed. `settle` waits for it too."""
-        with self._lock:
-            if self._closed:
-                return False
-            if self._detached is None:
-                self._detached = ThreadPoolExecutor(max_workers=self.policy.parallel,
-                                                    thread_name_prefix="crfs-prefetch")
-            executor = self._detached
-        return self._track(executor, fn, *args)
+        return self._run_in("crfs-prefetch", fn, *args)
 
     def settle(self, timeout: float | None = None) -> bool:
         """Waits until the read-ahead, neighbour and detached work started so far is done;
@@ -605,16 +595,17 @@ class ChunkFetcher:
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> bool:
         """Runs `fn` in the fetch threads; False once closed."""
+        return self._run_in("crfs-fetch", fn, *args)
+
+    def _run_in(self, pool: str, fn: Callable[..., None], *args: Any) -> bool:
+        """Runs `fn` in the threads named `pool`, started on first use; False once closed."""
         with self._lock:
             if self._closed:
                 return False
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=self.policy.parallel,
-                                                    thread_name_prefix="crfs-fetch")
-            executor = self._executor
-        return self._track(executor, fn, *args)
-
-    def _track(self, executor: ThreadPoolExecutor, fn: Callable[..., None], *args: Any) -> bool:
+            executor = self._pools.get(pool)
+            if executor is None:
+                executor = self._pools[pool] = ThreadPoolExecutor(max_workers=self.policy.parallel,
+                                                                  thread_name_prefix=pool)
         try:
             future = executor.submit(fn, *args)
         except RuntimeError:  # shut down meanwhile
