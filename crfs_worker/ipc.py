@@ -23,7 +23,7 @@ Requests (all idempotent, so a client may resend after reconnecting):
                                                background: {state, done, total, error},
                                                prefetch: {state, bytes, error}}, ...]}
                                              (bytes; background state off | queued |
-                                             running | complete | failed)
+                                             waiting | running | complete | failed)
     record_start {}                       -> {id}   (accesslog.py: `crfs optimize`)
     record_stop  {id}                     -> {opens: [[layer, path, digest, location], ...],
                                               overflowed}  files opened for data, first

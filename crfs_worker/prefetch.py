@@ -211,7 +211,8 @@ class PrefetchStatus:
 
 @dataclass
 class BackgroundProgress:
-    """One layer's background fetch: `off`, `queued`, `running`, `complete` or `failed`."""
+    """One layer's background fetch: `off`, `queued`, `waiting` (for the prefetch and a quiet
+    spell of on-demand fetches), `running`, `complete` or `failed`."""
 
     state: str = "off"
     total_bytes: int = 0
@@ -236,7 +237,7 @@ class BackgroundProgress:
 
 
 def progress_label(background: Mapping[str, Any]) -> str:
-    """`complete`, `37%`, `queued`, `off` or `failed`: what `crfs stats` shows."""
+    """`complete`, `37%`, `waiting`, `queued`, `off` or `failed`: what `crfs stats` shows."""
     state = background.get("state", "off")
     if state == "running":
         total = background.get("total") or 0
@@ -318,7 +319,7 @@ class BackgroundFetcher:
         if not self.options.background or self._stop.is_set():
             return
         with target.background.lock:
-            if target.background.state in ("queued", "running", "complete"):
+            if target.background.state in ("queued", "waiting", "running", "complete"):
                 return
             target.background.state = "queued"
         with self._wake:
@@ -353,13 +354,14 @@ class BackgroundFetcher:
 
     def _fetch_layer(self, target: MountedLayer) -> None:
         progress = target.background
-        progress.set(state="running", error="", done_bytes=0)
+        progress.set(state="waiting", error="", done_bytes=0)
         # The prioritised range first: it holds claims this fetch would only wait on, and
         # its one stream should have the link to itself.
         target.prefetch.wait(self._stop)
         # Not even the catalogue (a TOC walk, hashing chunks stored before a restart) while
         # a container reads: it would take a core from it.
         self._wait_quiet()
+        progress.set(state="running")
         try:
             missing = self._catalogue(target)
             self._fetch_all(target, missing)

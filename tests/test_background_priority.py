@@ -184,6 +184,7 @@ def test_background_starts_only_after_a_quiet_period(make_worker: Callable[..., 
     worker = make_worker(5.0)
     worker.table.mount(worker.num)  # at 100: the mount is activity
     wait_for(lambda: worker.gate.waiting == 1, "the background fetch to wait for quiet")
+    assert worker.live.background.as_dict()["state"] == "waiting"  # what `crfs stats` shows
     worker.clock.now = 104.0
     _looked_again(worker)
     assert worker.blob.streams == [] and worker.live.background.done_bytes == 0
@@ -195,6 +196,7 @@ def test_background_starts_only_after_a_quiet_period(make_worker: Callable[..., 
     worker.clock.now = 109.0
     worker.gate.recheck()
     worker.wait_complete()
+    assert worker.live.background.as_dict()["state"] == "complete"
     assert worker.blob.streams and all(s["opened_at"] >= 109.0 for s in worker.blob.streams)
     assert worker.all_stored()
     assert worker.read("a/big", len(BIG)) == BIG
