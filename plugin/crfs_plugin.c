@@ -1882,10 +1882,14 @@ listing_opendir (struct ovl_layer *l, const char *norm)
   struct cached_dir *d;
   int fd;
 
+  /* A listing that cannot be fetched now (the worker lost, no new one answering yet)
+   * still gets a stream: load_dir SKIPS a layer whose opendir fails and keeps the
+   * directory without its entries (ENOENT for good), while a readdir that fails makes
+   * it drop the listing and fail the lookup. listing_next fetches again. */
   d = get_dir (cl, norm);
   if (d == NULL)
-    return NULL;
-  if (d->error)
+    trace ("listing of %s deferred to readdir: %s", norm, strerror (errno));
+  else if (d->error)
     {
       errno = d->error;
       return NULL;

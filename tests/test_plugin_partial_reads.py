@@ -11,10 +11,12 @@ Both tests put the file's first chunk in the view's page cache by reading it thr
 view, then make the next chunk fail while fuse-overlayfs reads across the two."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -97,6 +99,10 @@ def test_worker_killed_during_a_read_after_cached_pages(image: PrefetchImage, cr
     expected = tmp_path / "big.bin"
     expected.write_bytes(BIG)
     _cache_first_chunk(worker)
+    # The relay counts a request until it has sent the last byte, maybe after the client
+    # moved on: wait for none, so that the request awaited below is the child's read (the
+    # kill landed during the child's lookups otherwise, see the test after this one).
+    image.relay.records(DEADLINE)
     image.registry.process.pause()  # the next chunk's fetch hangs: the read is in flight
     try:
         child = _read_in_child(merged / "data/big.bin", expected)
@@ -139,3 +145,34 @@ def test_plain_fuse_overlayfs_over_the_tree_gets_an_error_not_zeros(
                   CRFS_FETCH_ATTEMPTS="1")
     worker.mount()  # starts the worker and loads the layers into its view
     _read_across_a_failing_chunk(image, worker, _plain_overlay_over_view(worker, tmp_path / "plain"), tmp_path)
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"worker {pid} did not die"
+        time.sleep(0.05)
+
+
+def test_worker_lost_while_a_directory_is_first_listed(image: PrefetchImage, crfs: Callable[..., Crfs]) -> None:
+    """fuse-overlayfs (1.10 to 1.16) SKIPS a layer whose ds->opendir fails while it lists a
+    directory, and keeps the listing: had crfs.so failed that opendir because the worker
+    was lost and no new one answered yet, merged/data would stay without the layer's
+    files, ENOENT for good. The listing's stream must report the failure instead (the
+    lookup fails, nothing is kept) so that the next access, with a worker back, succeeds.
+    A new worker is kept from answering by making the runtime directory one crfs.so
+    refuses (a real check of the plugin, turned on and off at will)."""
+    worker = crfs("--no-background-fetch")
+    merged = worker.mount()  # lists the layers' roots, not data/
+    old = worker.worker_pid()
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    _wait_gone(old)
+    worker.runtime.chmod(0o755)  # crfs.so refuses it: no worker can be reached
+    try:
+        with pytest.raises(OSError) as lost:
+            (merged / "data/big.bin").stat()
+        assert lost.value.errno == errno.EIO  # not ENOENT: nothing about data/ was concluded
+    finally:
+        worker.runtime.chmod(0o700)
+    assert (merged / "data/big.bin").read_bytes() == BIG  # a new worker lists data/ now
