@@ -31,6 +31,7 @@ from .blob import BlobReader, stream_range
 from .chunkstore import ChunkStore, StoreFullError
 from .errors import CrfsError
 from .readrun import ReadRun
+from .recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -254,35 +255,6 @@ def _same_error(error: BaseException) -> BaseException:
 
 
 @dataclass
-class _MemoryCache:
-    """Recently decoded undigested chunks, so the kernel's small reads of one chunk fetch it once."""
-
-    limit_bytes: int = UNVERIFIED_CACHE_BYTES
-    _chunks: "OrderedDict[Hashable, bytes]" = field(default_factory=OrderedDict, init=False, repr=False)
-    _size: int = field(default=0, init=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-
-    def get(self, key: Hashable) -> bytes | None:
-        with self._lock:
-            data = self._chunks.get(key)
-            if data is not None:
-                self._chunks.move_to_end(key)
-            return data
-
-    def put(self, key: Hashable, data: bytes) -> None:
-        if len(data) > self.limit_bytes:
-            return
-        with self._lock:
-            if key in self._chunks:
-                return
-            self._chunks[key] = data
-            self._size += len(data)
-            while self._size > self.limit_bytes:
-                _, evicted = self._chunks.popitem(last=False)
-                self._size -= len(evicted)
-
-
-@dataclass
 class _ReadState:
     """The reads of one file: their current run, and after which chunk the read-ahead was
     last planned (-1: not yet)."""
@@ -297,7 +269,9 @@ class ChunkFetcher:
     gate: FetchGate = field(default_factory=FetchGate)
     policy: AheadPolicy = field(default_factory=AheadPolicy)
     read_gap: int = 0  # on-demand reads merge only touching ranges: no byte they do not need
-    _memory: _MemoryCache = field(default_factory=_MemoryCache, init=False, repr=False)
+    # Recently decoded undigested chunks, so the kernel's small reads of one chunk fetch it once.
+    _memory: "Recent[Hashable, bytes]" = field(default_factory=lambda: Recent(UNVERIFIED_CACHE_BYTES, len),
+                                               init=False, repr=False)
     _flights: dict[Hashable, _Flight] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _reads: "OrderedDict[tuple[int, int], _ReadState]" = field(

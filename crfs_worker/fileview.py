@@ -22,7 +22,6 @@ import logging
 import os
 import subprocess
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,6 +36,7 @@ from .fusetree import ATTR_TIMEOUT, BaseNode, FileHandle, Node, NodeAttr, fs_err
 from .layer import EntryStat
 from .layerkeys import compose_ino
 from .readrun import ReadRun
+from .recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -305,32 +305,6 @@ class OpenDir:
     listing: Listing | None = None
 
 
-@dataclass
-class ListingCache:
-    """The latest listings of immutable directories (a layer's), `limit` entries in all:
-    each new container's fuse-overlayfs lists every directory it walks again."""
-
-    limit: int = LISTED_ENTRIES
-    _listings: "OrderedDict[int, Listing]" = field(default_factory=OrderedDict, init=False, repr=False)
-    _entries: int = field(default=0, init=False)
-
-    def get(self, inode: int) -> Listing | None:
-        listing = self._listings.get(inode)
-        if listing is not None:
-            self._listings.move_to_end(inode)
-        return listing
-
-    def put(self, inode: int, listing: Listing) -> None:
-        if len(listing) > self.limit:
-            return
-        old = self._listings.pop(inode, None)
-        self._entries += len(listing) - (len(old) if old is not None else 0)
-        self._listings[inode] = listing
-        while self._entries > self.limit:
-            _, evicted = self._listings.popitem(last=False)
-            self._entries -= len(evicted)
-
-
 # ---------------------------------------------------------------------------- FUSE side
 
 
@@ -371,7 +345,9 @@ class ViewOperations(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self.pusher = ReadAheadPusher(store)
         self._dirs: dict[int, OpenDir] = {}
-        self.listed = ListingCache()
+        # The latest listings of immutable directories (a layer's), LISTED_ENTRIES entries
+        # in all: each new container's fuse-overlayfs lists every directory it walks again.
+        self.listed: Recent[int, Listing] = Recent(LISTED_ENTRIES, len)
         self._next_fh = itertools.count(1)
 
     # ---- helpers

@@ -32,7 +32,6 @@ import stat as st
 import tempfile
 import threading
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -49,6 +48,7 @@ from .footer import (
     read_footer,
 )
 from .index import ChunkRow, EntryStat, Index, make_builder
+from .recent import Recent
 from .toc import TocLimits, TocParser, TocSource, normalize_name
 
 __all__ = ["Chunk", "EntryStat", "Layer", "LayerSource"]
@@ -133,7 +133,7 @@ class Layer:
         self.allow_unverified = source.allow_unverified
         self.limits = limits or TocLimits()
         self._lock = threading.RLock()
-        self._files: OrderedDict[str, _FileRows] = OrderedDict()
+        self._files: Recent[str, _FileRows] = Recent(CACHED_FILES)
 
     # ------------------------------------------------------------------ opening
 
@@ -378,11 +378,9 @@ class Layer:
     def _reading(self, norm: str, path: str) -> _FileRows:
         """The regular file's inode, stat and chunk rows, from a small cache: a reader asks
         for the same file thousands of times (the kernel reads 128 KiB at a time)."""
-        with self._lock:
-            file = self._files.get(norm)
-            if file is not None:
-                self._files.move_to_end(norm)
-                return file
+        file = self._files.get(norm)
+        if file is not None:
+            return file
         ino, s = self._lookup(norm)
         if st.S_ISDIR(s.mode):
             raise IsADirectoryError(errno.EISDIR, f"{self.name}: is a directory", path)
@@ -391,9 +389,7 @@ class Layer:
         with self._lock:
             rows = self.index.chunks(ino) if s.size and self._few_chunks(ino) else None
             file = _FileRows(ino, s, rows, [r.foff for r in rows] if rows is not None else [])
-            self._files[norm] = file
-            while len(self._files) > CACHED_FILES:
-                self._files.popitem(last=False)
+        self._files.put(norm, file)
         return file
 
     def _few_chunks(self, ino: int) -> bool:
