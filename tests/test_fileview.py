@@ -17,6 +17,7 @@ import stat
 import subprocess
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -211,6 +212,20 @@ def test_origin_probes_on_a_diff_tree_ask_nothing(mounted: Mounted) -> None:
     assert not [call for call in mounted.diff_layers.calls if call[1] == "etc/plain" and "xattr" in call[0]]
 
 
+@contextmanager
+def _overlay_over_diff(mounted: Mounted, tmp_path: Path, options: str = "") -> Iterator[Path]:
+    """Plain fuse-overlayfs (`options` first) over the layer's diff tree, as podman mounts it."""
+    merged, upper, work = tmp_path / "m", tmp_path / "u", tmp_path / "w"
+    for directory in (merged, upper, work):
+        directory.mkdir()
+    subprocess.run(["fuse-overlayfs", "-o", f"{options}lowerdir={mounted.diff},upperdir={upper},workdir={work}",
+                    str(merged)], check=True, capture_output=True)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["fusermount3", "-u", str(merged)], check=True)
+
+
 def test_fuse_overlayfs_asks_one_opaque_xattr_per_directory(mounted: Mounted, tmp_path: Path) -> None:
     # fuse-overlayfs asks trusted.overlay.opaque, then (on ENODATA only) user.overlay.opaque
     # and user.fuseoverlayfs.opaque of every directory it merges, each a FUSE request the
@@ -224,16 +239,11 @@ def test_fuse_overlayfs_asks_one_opaque_xattr_per_directory(mounted: Mounted, tm
         asked[name] += 1
         return await real_getxattr(inode, name, ctx)
     operations.getxattr = counting_getxattr  # type: ignore[method-assign]
-    merged, upper, work = tmp_path / "m", tmp_path / "u", tmp_path / "w"
-    for directory in (merged, upper, work):
-        directory.mkdir()
-    subprocess.run(["fuse-overlayfs", "-o", f"fast_ino=1,lowerdir={mounted.diff},upperdir={upper},workdir={work}",
-                    str(merged)], check=True, capture_output=True)
     try:
-        assert sorted(os.listdir(merged / "etc")) == ["passwd", "plain"]
-        assert sorted(os.listdir(merged / "opq")) == ["kept"]
+        with _overlay_over_diff(mounted, tmp_path, "fast_ino=1,") as merged:
+            assert sorted(os.listdir(merged / "etc")) == ["passwd", "plain"]
+            assert sorted(os.listdir(merged / "opq")) == ["kept"]
     finally:
-        subprocess.run(["fusermount3", "-u", str(merged)], check=True)
         operations.getxattr = real_getxattr  # type: ignore[method-assign]
     assert asked[b"trusted.overlay.opaque"] >= 3  # root, etc, opq
     assert asked[b"user.overlay.opaque"] == 0
@@ -261,17 +271,10 @@ def test_layer_view_xattrs_are_all_shown_and_read_once(mounted: Mounted) -> None
 def test_fuse_overlayfs_lookup_opens_hold_nothing(mounted: Mounted, tmp_path: Path) -> None:
     # Without fast_ino, fuse-overlayfs opens every entry it looks up (O_NONBLOCK) only to read
     # origin xattrs: such an open asks the layer nothing; the open it reads through does.
-    merged, upper, work = tmp_path / "m", tmp_path / "u", tmp_path / "w"
-    for directory in (merged, upper, work):
-        directory.mkdir()
-    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={mounted.diff},upperdir={upper},workdir={work}",
-                    str(merged)], check=True, capture_output=True)
-    try:
+    with _overlay_over_diff(mounted, tmp_path) as merged:
         assert sorted(os.listdir(merged / "etc")) == ["passwd", "plain"]
         os.lstat(merged / "etc" / "plain")
         assert (merged / "etc" / "passwd").read_bytes() == b"root:x:0:0\n"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(merged)], check=True)
     assert mounted.in_diff("hold_local", "etc/plain") == 0
     assert mounted.in_diff("hold_local", "etc/passwd") == 1
 
