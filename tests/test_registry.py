@@ -52,7 +52,8 @@ from tests.support.registry import (
     write_auth_file,
 )
 
-Relays = Callable[[RunningRegistry], FaultRelay]
+# A FaultRelay in front of a registry, and that registry reached through the relay.
+Relayed = Callable[[RunningRegistry], tuple[FaultRelay, RunningRegistry]]
 BlobHosts = Callable[[RunningRegistry], BlobHost]
 
 
@@ -69,9 +70,8 @@ def mirror_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
 
 @pytest.fixture(scope="module")
 def big_blob(registry: RunningRegistry) -> tuple[str, str, bytes]:
-    """24 MiB, more than loopback socket buffers hold, in repository `big`."""
-    data = os.urandom(24 << 20)
-    return "big", registry.push_blob("big", data), data
+    """24 MiB, more than loopback socket buffers hold: (repository, digest, data)."""
+    return _pushed_blob(registry, "big", 24 << 20)
 
 
 def _api_records(relay: FaultRelay) -> list[RelayRecord]:
@@ -79,11 +79,25 @@ def _api_records(relay: FaultRelay) -> list[RelayRecord]:
     return [record for record in relay.records() if record.path != "/v2/"]
 
 
-def _relayed(registry: RunningRegistry, relay: FaultRelay) -> RunningRegistry:
-    """The same registry reached through `relay` (its host is the relay's)."""
-    process = replace(registry.process)
-    process.port = int(relay.netloc.rsplit(":", 1)[1])
-    return replace(registry, process=process)
+@pytest.fixture
+def relayed(fault_relay: Callable[[RunningRegistry], FaultRelay]) -> Relayed:
+    """Puts a FaultRelay in front of a registry; gives it and the same registry reached
+    through it (its host is the relay's)."""
+
+    def make(registry: RunningRegistry) -> tuple[FaultRelay, RunningRegistry]:
+        relay = fault_relay(registry)
+        process = replace(registry.process)
+        process.port = int(relay.netloc.rsplit(":", 1)[1])
+        return relay, replace(registry, process=process)
+
+    return make
+
+
+def _pushed_blob(registry: RunningRegistry, name: str, size: int) -> tuple[str, str, bytes]:
+    """`size` random bytes pushed to a new repository named after `name`: (repository, digest, data)."""
+    data = os.urandom(size)
+    repository = _unique(name)
+    return repository, registry.push_blob(repository, data), data
 
 
 # ---- manifests and blobs on the plain registry ----
@@ -216,9 +230,7 @@ def test_oversized_manifest_is_refused_before_pushing(registry: RunningRegistry)
 
 
 def test_read_range_returns_exact_bytes(registry: RunningRegistry) -> None:
-    data = os.urandom(100_000)
-    repository = _unique("ranges")
-    digest = registry.push_blob(repository, data)
+    repository, digest, data = _pushed_blob(registry, "ranges", 100_000)
     ref = registry.ref(repository)
     with registry.client() as client:
         for offset, length in [(0, 1), (0, 100_000), (99_999, 1), (12_345, 54_321), (5, 0)]:
@@ -235,9 +247,7 @@ def test_read_range_returns_exact_bytes(registry: RunningRegistry) -> None:
 
 
 def test_registry_blob_reads_concurrently(registry: RunningRegistry) -> None:
-    data = os.urandom(1 << 20)
-    repository = _unique("threads")
-    digest = registry.push_blob(repository, data)
+    repository, digest, data = _pushed_blob(registry, "threads", 1 << 20)
     results: dict[int, bytes] = {}
     with registry.client() as client:
         blob = client.blob(registry.ref(repository), digest, len(data))
@@ -255,12 +265,11 @@ def test_registry_blob_reads_concurrently(registry: RunningRegistry) -> None:
 
 
 def test_range_ignored_is_detected_without_downloading_the_blob(
-    registry: RunningRegistry, fault_relay: Relays, big_blob: tuple[str, str, bytes]
+    registry: RunningRegistry, relayed: Relayed, big_blob: tuple[str, str, bytes]
 ) -> None:
     repository, digest, data = big_blob
-    relay = fault_relay(registry)
+    relay, through = relayed(registry)
     relay.ignore_range = True
-    through = _relayed(registry, relay)
     with through.client() as client:
         with pytest.raises(RangeNotSupportedError) as caught:
             client.read_range(through.ref(repository), digest, 1000, 4096)
@@ -271,25 +280,19 @@ def test_range_ignored_is_detected_without_downloading_the_blob(
     assert not record.completed and record.body_bytes_sent < len(data)
 
 
-def test_whole_blob_range_answered_with_200_is_accepted(registry: RunningRegistry, fault_relay: Relays) -> None:
-    data = os.urandom(3000)
-    repository = _unique("whole")
-    digest = registry.push_blob(repository, data)
-    relay = fault_relay(registry)
+def test_whole_blob_range_answered_with_200_is_accepted(registry: RunningRegistry, relayed: Relayed) -> None:
+    repository, digest, data = _pushed_blob(registry, "whole", 3000)
+    relay, through = relayed(registry)
     relay.ignore_range = True
-    through = _relayed(registry, relay)
     with through.client() as client:
         assert client.read_range(through.ref(repository), digest, 0, len(data)) == data
         with pytest.raises(RangeNotSupportedError):
             client.read_range(through.ref(repository), digest, 0, len(data) - 1)
 
 
-def test_clients_sharing_a_scheme_memo_probe_a_host_once(registry: RunningRegistry, fault_relay: Relays) -> None:
-    data = os.urandom(3000)
-    repository = _unique("memo")
-    digest = registry.push_blob(repository, data)
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+def test_clients_sharing_a_scheme_memo_probe_a_host_once(registry: RunningRegistry, relayed: Relayed) -> None:
+    repository, digest, data = _pushed_blob(registry, "memo", 3000)
+    relay, through = relayed(registry)
     memo = SchemeMemo()
     with RegistryClient(through.client_config, memo) as first, RegistryClient(through.client_config, memo) as second:
         assert first.read_range(through.ref(repository), digest, 0, 10) == data[:10]
@@ -307,14 +310,13 @@ def test_clients_sharing_a_scheme_memo_probe_a_host_once(registry: RunningRegist
 
 
 def test_chunked_upload_from_a_file_and_skip_when_present(
-    registry: RunningRegistry, fault_relay: Relays, tmp_path: Path
+    registry: RunningRegistry, relayed: Relayed, tmp_path: Path
 ) -> None:
     data = os.urandom(300_000)
     path = tmp_path / "blob"
     path.write_bytes(data)
     digest = sha256_digest(data)
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+    relay, through = relayed(registry)
     ref = through.ref(_unique("chunked"))
     with through.client(upload_chunk_size=64 * 1024) as client:
         client.put_blob(ref, digest, path)
@@ -346,12 +348,9 @@ def test_unreadable_upload_source_is_named(registry: RunningRegistry, tmp_path: 
     assert str(tmp_path / "missing") in str(caught.value)
 
 
-def test_cross_repository_mount(registry: RunningRegistry, fault_relay: Relays) -> None:
-    data = os.urandom(10_000)
-    source = _unique("mount-src")
-    digest = registry.push_blob(source, data)
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+def test_cross_repository_mount(registry: RunningRegistry, relayed: Relayed) -> None:
+    source, digest, data = _pushed_blob(registry, "mount-src", 10_000)
+    relay, through = relayed(registry)
     target = through.ref(_unique("mount-dst"))
     with through.client() as client:
         client.put_blob(target, digest, data, mount_from=source)
@@ -363,10 +362,9 @@ def test_cross_repository_mount(registry: RunningRegistry, fault_relay: Relays) 
 # ---- faults: 5xx, connection errors, redirects ----
 
 
-def test_5xx_bursts_are_retried(registry: RunningRegistry, fault_relay: Relays) -> None:
+def test_5xx_bursts_are_retried(registry: RunningRegistry, relayed: Relayed) -> None:
     image = registry.push_image(_unique("retry"), "v1", [b"layer"])
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+    relay, through = relayed(registry)
     relay.fail_next(2, 503, path_contains="/manifests/")
     with through.client(retry=RetryPolicy(attempts=3, backoff_base=0.01, backoff_max=0.02)) as client:
         manifest = client.get_manifest(through.ref(image.ref.repository, "v1"))
@@ -380,12 +378,9 @@ def test_5xx_bursts_are_retried(registry: RunningRegistry, fault_relay: Relays) 
     assert "range [0, 1)" in message
 
 
-def test_downloads_that_break_off_are_retried(registry: RunningRegistry, fault_relay: Relays) -> None:
-    data = os.urandom(200_000)
-    repository = _unique("cut")
-    digest = registry.push_blob(repository, data)
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+def test_downloads_that_break_off_are_retried(registry: RunningRegistry, relayed: Relayed) -> None:
+    repository, digest, data = _pushed_blob(registry, "cut", 200_000)
+    relay, through = relayed(registry)
     ref = through.ref(repository)
     with through.client() as client:
         assert client.blob_size(ref, digest) == len(data)  # after the /v2/ probe, so cuts hit blobs
@@ -401,11 +396,10 @@ def test_downloads_that_break_off_are_retried(registry: RunningRegistry, fault_r
             list(client.stream_blob(ref, digest))
 
 
-def test_uploads_failing_midway_are_restarted(registry: RunningRegistry, fault_relay: Relays) -> None:
+def test_uploads_failing_midway_are_restarted(registry: RunningRegistry, relayed: Relayed) -> None:
     data = os.urandom(100_000)
     digest = sha256_digest(data)
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+    relay, through = relayed(registry)
     ref = through.ref(_unique("restart"))
     with through.client(upload_chunk_size=40_000) as client:
         relay.fail_next(1, 500, path_contains="/blobs/uploads/", method="PATCH")
@@ -421,9 +415,8 @@ def test_uploads_failing_midway_are_restarted(registry: RunningRegistry, fault_r
     assert "upload of blob" in str(caught.value) and "failed after 3 attempt(s)" in str(caught.value)
 
 
-def test_retries_stop_at_the_total_time_bound(registry: RunningRegistry, fault_relay: Relays) -> None:
-    relay = fault_relay(registry)
-    through = _relayed(registry, relay)
+def test_retries_stop_at_the_total_time_bound(registry: RunningRegistry, relayed: Relayed) -> None:
+    relay, through = relayed(registry)
     relay.fail_next(100, 500)
     policy = RetryPolicy(attempts=50, backoff_base=0.01, backoff_max=0.01, total_max=0.0)
     with through.client(retry=policy) as client:
@@ -441,14 +434,11 @@ def test_connection_refused_is_a_registry_error_naming_the_registry(registry: Ru
 
 
 def test_redirect_to_another_host_without_our_authorization(
-    token_registry: RunningRegistry, fault_relay: Relays, blob_host: BlobHosts, tmp_path: Path
+    token_registry: RunningRegistry, relayed: Relayed, blob_host: BlobHosts, tmp_path: Path
 ) -> None:
-    data = os.urandom(50_000)
-    repository = _unique("redirected")
-    digest = token_registry.push_blob(repository, data)
-    relay = fault_relay(token_registry)
+    repository, digest, data = _pushed_blob(token_registry, "redirected", 50_000)
+    relay, through = relayed(token_registry)
     relay.redirect_blobs_to = blob_host(token_registry)
-    through = _relayed(token_registry, relay)
     assert token_registry.username and token_registry.password
     auth_file = write_auth_file(tmp_path / "auth.json", {relay.netloc: (token_registry.username, token_registry.password)})
     with through.client(credentials=CredentialStore(files=(auth_file,))) as client:
@@ -524,9 +514,7 @@ def test_client_certificate_from_certs_d(tmp_path: Path) -> None:
 
 
 def test_token_registry_fetches_one_token_per_scope(token_registry: RunningRegistry) -> None:
-    data = os.urandom(10_000)
-    repository = _unique("tok")
-    digest = token_registry.push_blob(repository, data)
+    repository, digest, data = _pushed_blob(token_registry, "tok", 10_000)
     assert token_registry.token_server is not None
     token_registry.token_server.reset()
     with token_registry.client() as client:
@@ -546,9 +534,7 @@ def test_token_registry_anonymous_is_refused_with_a_clear_message(token_registry
 
 
 def test_token_invalidated_mid_run_is_refreshed_once(token_registry: RunningRegistry) -> None:
-    data = os.urandom(5000)
-    repository = _unique("midrun")
-    digest = token_registry.push_blob(repository, data)
+    repository, digest, data = _pushed_blob(token_registry, "midrun", 5000)
     assert token_registry.token_server is not None
     with token_registry.client() as client:
         blob = client.blob(token_registry.ref(repository), digest, len(data))
@@ -740,12 +726,11 @@ def _mirror_conf(primary: RunningRegistry, mirror_location: str, mode: str = "al
     )
 
 
-def test_mirror_first_then_primary(registry: RunningRegistry, mirror_registry: RunningRegistry, fault_relay: Relays) -> None:
+def test_mirror_first_then_primary(registry: RunningRegistry, mirror_registry: RunningRegistry, relayed: Relayed) -> None:
     name = _unique("app")
     on_mirror = mirror_registry.push_image(f"cache/lib/{name}", "v1", [b"mirror layer"])
     on_primary = registry.push_image(f"lib/{name}", "v2", [b"primary layer"])
-    relay = fault_relay(registry)
-    primary = _relayed(registry, relay)
+    relay, primary = relayed(registry)
     conf = _mirror_conf(primary, f"{mirror_registry.host}/cache/lib")
     with primary.client(registries=conf) as client:
         from_mirror = client.get_manifest(primary.ref(f"lib/{name}", "v1"))
