@@ -275,6 +275,7 @@ class LayerTable:
     read_to_end: Callable[[LiveLayer, str], None] | None = field(default=None, init=False, repr=False)
     _live: dict[int, LiveLayer] = field(default_factory=dict, init=False, repr=False)
     _opening: dict[int, threading.Lock] = field(default_factory=dict, init=False, repr=False)
+    _mounting: set[int] = field(default_factory=set, init=False, repr=False)  # mount_soon running
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -321,6 +322,33 @@ class LayerTable:
         prefetch_prioritized(live, self.fetcher)
         self.background.submit(live)
         return live
+
+    def mount_soon(self, num: int) -> None:
+        """`mount` in a thread of its own, once per layer: the caller goes on while the
+        TOC comes in. A failure is logged; the next caller that needs the layer opens it
+        again and gets the error."""
+        with self._lock:
+            live, mounting = num in self._live, num in self._mounting
+            if not (live or mounting):
+                self._mounting.add(num)
+        if live:
+            self.mount(num)  # no network: prefetch and background fetch, queued once
+        if live or mounting:
+            return
+        threading.Thread(target=self._mount_logged, args=(num,), name=f"crfs-open-{num}", daemon=True).start()
+
+    def _mount_logged(self, num: int) -> None:
+        try:
+            self.mount(num)
+        except Exception as exc:  # the layer's users report it: they open it again
+            log.warning("layer %d could not be opened: %s", num, exc)
+        finally:
+            with self._lock:
+                self._mounting.discard(num)
+
+    def is_open(self, num: int) -> bool:
+        """Whether layer `num` is open (its entries are answered without the network)."""
+        return num in self._live
 
     def _opening_lock(self, num: int) -> threading.Lock:
         with self._lock:
