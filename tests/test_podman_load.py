@@ -4,10 +4,9 @@ files of the image. Every slice must be right, and each chunk must come from the
 once.
 
 The user, the debootstrap image and the registry are those of tests/support/podman.py;
-podman and the worker reach the registry through a small recording front defined here,
-because docker-registry's access log has bytes but not the Range of each request (and
-tests/support's FaultRelay folds repeated headers, which podman's several Accept headers
-need). Its records give the byte ranges of the layer blob the worker fetched: data
+podman and the worker reach the registry through tests/support's FaultRelay (with no
+fault set), because docker-registry's access log has bytes but not the Range of each
+request. Its records give the byte ranges of the layer blob the worker fetched: data
 ranges (before the TOC) must never overlap.
 
 Each container gets its reading plan (file, offset, length, sha256 of the expected slice,
@@ -20,18 +19,14 @@ duration.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import itertools
 import json
 import os
 import random
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -49,7 +44,7 @@ from tests.support.podman import (
     debootstrap_tarball,
     prepare_images,
 )
-from tests.support.registry import LoggedRegistry
+from tests.support.registry import FaultRelay, LoggedRegistry
 
 USER = "crfs-load"       # its own user, hence its own worker: no other test's worker is touched
 WORK_LABEL = "load"  # names the `work` fixture's directory (tests/conftest.py)
@@ -117,110 +112,12 @@ for thread in threads:
 pytestmark = NEEDS_ROOT_AND_PODMAN
 
 
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
-                         "upgrade"})
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    status: int
-    range_header: str | None
-
-
-@dataclass
-class RecordingFront:
-    """An HTTP front for a plain-HTTP registry that records every GET/HEAD it forwards,
-    Range header included, and forwards every header as sent (repeats too)."""
-
-    upstream: str
-    _records: list[Request] = field(default_factory=list, init=False)
-    _in_flight: int = field(default=0, init=False)
-    _changed: threading.Condition = field(default_factory=threading.Condition, init=False)
-    _server: ThreadingHTTPServer | None = field(default=None, init=False)
-
-    @property
-    def netloc(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.server_address[1]}"
-
-    def records(self, timeout: float = 60.0) -> list[Request]:
-        """Every answered request, once none is in flight (a request is recorded after its
-        last byte is sent, which can be after the client has moved on)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._in_flight == 0, timeout)
-            return list(self._records)
-
-    def begin(self) -> None:
-        with self._changed:
-            self._in_flight += 1
-
-    def end(self, request: Request | None) -> None:
-        with self._changed:
-            if request is not None:
-                self._records.append(request)
-            self._in_flight -= 1
-            self._changed.notify_all()
-
-    def start(self) -> RecordingFront:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _front_handler(self))
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-def _front_handler(front: RecordingFront) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            front.begin()
-            upstream = http.client.HTTPConnection(front.upstream, timeout=60)
-            answered: Request | None = None
-            try:
-                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                for key, value in self.headers.items():  # all of them, repeated ones too
-                    if key.lower() not in _HOP_BY_HOP:
-                        upstream.putheader(key, value)
-                upstream.endheaders()
-                response = upstream.getresponse()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in _HOP_BY_HOP:
-                        self.send_header(key, value)
-                if response.getheader("Content-Length") is None:
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                if self.command == "GET":
-                    while piece := response.read(64 << 10):
-                        self.wfile.write(piece)
-                answered = Request(self.command, self.path, response.status, self.headers.get("Range"))
-            finally:
-                upstream.close()
-                front.end(answered)
-
-        do_HEAD = do_GET
-
-    return Handler
-
-
 @dataclass(frozen=True)
 class RelayedImages:
     """The eStargz image as podman and the worker see it: through the recording relay."""
 
     images: E2EImages
-    relay: RecordingFront
+    relay: FaultRelay
     ref: str
     payload_ends: dict[str, int]  # layer digest -> where its file data ends (the TOC starts)
 
@@ -228,7 +125,7 @@ class RelayedImages:
 @pytest.fixture(scope="module")
 def relayed(user: PodmanUser, work: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayedImages]:
     registry = LoggedRegistry.start(tmp_path_factory.mktemp("load-registry"))
-    relay = RecordingFront(registry.host).start()
+    relay = FaultRelay(registry.host).start()
     try:
         images = prepare_images(user, registry, debootstrap_tarball(), work)
         ref = images.esgz_ref.replace(registry.host, relay.netloc, 1)

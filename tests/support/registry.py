@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -478,10 +478,14 @@ class RunningRegistry:
     def ref(self, repository: str, tag: str | None = None, digest: str | None = None) -> ImageReference:
         return ImageReference(self.host, repository, tag, digest)
 
+    def behind(self, relay: FaultRelay) -> RunningRegistry:
+        """The same registry reached through `relay` (its host is the relay's)."""
+        process = replace(self.process)
+        process.port = int(relay.netloc.rsplit(":", 1)[1])
+        return replace(self, process=process)
+
     def client(self, **overrides: Any) -> RegistryClient:
         """A RegistryClient for this registry; `overrides` replace RegistryConfig fields."""
-        from dataclasses import replace
-
         return RegistryClient(replace(self.client_config, **overrides))
 
     def blob_file(self, digest: str) -> Path:
@@ -871,14 +875,18 @@ def _relay_handler(relay: FaultRelay) -> type[BaseHTTPRequestHandler]:
             if failure is not None:
                 self._answer(failure, b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}')
                 return
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            headers["Host"] = self.headers.get("Host", relay.netloc)  # registry builds Locations from it
-            range_header = headers.get("Range")
-            if relay.ignore_range:
-                headers.pop("Range", None)
+            range_header = self.headers.get("Range")
+            dropped = _HOP_BY_HOP | ({"range"} if relay.ignore_range else set())
+            # Every header as sent, repeated ones too (podman sends several Accept headers).
+            headers = [(k, v) for k, v in self.headers.items() if k.lower() not in dropped]
+            # The registry builds Locations from the Host the client sent.
+            headers.append(("Host", self.headers.get("Host", relay.netloc)))
             upstream = http.client.HTTPConnection(relay.upstream, timeout=30)
             try:
-                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for key, value in headers:
+                    upstream.putheader(key, value)
+                upstream.endheaders(body or None)
                 response = upstream.getresponse()
             except OSError as exc:
                 upstream.close()
