@@ -127,3 +127,16 @@ def work(user: "PodmanUser", request: pytest.FixtureRequest) -> Iterator[Path]:
 
     with work_dir(user, request.module.WORK_LABEL) as path:
         yield path
+
+
+# ---- the fuse-overlayfs build a crfs.so test mounts with (tests/support/newer_fuse_overlayfs.py) ----
+
+
+@pytest.fixture
+def fuse_overlayfs(request: pytest.FixtureRequest) -> Path:
+    """The suite's fuse-overlayfs; a test runs on each build with
+    `@pytest.mark.parametrize("fuse_overlayfs", ["1.10", "1.14"], indirect=True)`."""
+    from tests.support.newer_fuse_overlayfs import fuse_overlayfs_build, suite_fuse_overlayfs
+
+    name = getattr(request, "param", None)
+    return suite_fuse_overlayfs() if name is None else fuse_overlayfs_build(name)

@@ -29,16 +29,20 @@ from crfs_worker.layer import Layer, LayerSource
 from crfs_worker.layerkeys import lowerdir_for
 from crfs_worker.reference import ImageReference
 from crfs_worker.worker import format_stats
+from tests.support.newer_fuse_overlayfs import suite_fuse_overlayfs
 from tests.support.plugin_env import build_plugin
 from tests.support.registry import FaultRelay, RelayRecord, RunningRegistry, push_image, start_plain_registry
 from tests.support.workers import stop_worker, worker_pid
 
-FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
+FUSE_OVERLAYFS = str(suite_fuse_overlayfs())  # the default build; a test may ask for each (EACH_FUSE_OVERLAYFS)
 DEADLINE = 120.0  # generous bound on waits for the worker; never an asserted duration
 CHUNK = 64 << 10
 RANGE_LIMIT = 16 << 20
 
 pytestmark = pytest.mark.skipif(not Path(FUSE_OVERLAYFS).exists(), reason="fuse-overlayfs is not installed")
+# Reads that fail part-way reach crfs.so differently per fuse-overlayfs version (1.14 calls
+# entries 1.10 never does): such tests run on both (the `fuse_overlayfs` fixture, conftest.py).
+EACH_FUSE_OVERLAYFS = pytest.mark.parametrize("fuse_overlayfs", ["1.10", "1.14"], indirect=True)
 
 _rng = random.Random(2024)
 BIG = _rng.randbytes(18 << 20)   # more than one background range
@@ -140,6 +144,7 @@ class Crfs:
     runtime: Path
     cache: Path
     workdir: Path
+    program: Path  # the fuse-overlayfs build mounts run
     mounted: list[Path] = field(default_factory=list)
 
     def key(self, repo: str = "prefetch/image") -> str:
@@ -156,7 +161,7 @@ class Crfs:
         for d in (upper, work, merged):
             d.mkdir(parents=True)
         opts = f"plugins={self.plugin},lowerdir={key},upperdir={upper},workdir={work}"
-        result = subprocess.run([FUSE_OVERLAYFS, "-o", opts, str(merged)], capture_output=True, text=True,
+        result = subprocess.run([str(self.program), "-o", opts, str(merged)], capture_output=True, text=True,
                                 timeout=DEADLINE, env=self.env)
         assert result.returncode == 0, result.stderr
         self.mounted.append(merged)
@@ -189,7 +194,7 @@ class Crfs:
 
 
 @pytest.fixture
-def crfs(image: PrefetchImage, tmp_path: Path) -> Iterator[Callable[..., Crfs]]:
+def crfs(image: PrefetchImage, fuse_overlayfs: Path, tmp_path: Path) -> Iterator[Callable[..., Crfs]]:
     plugin = build_plugin()
     made: list[Crfs] = []
 
@@ -201,7 +206,7 @@ def crfs(image: PrefetchImage, tmp_path: Path) -> Iterator[Callable[..., Crfs]]:
         full_env.update({"CRFS_RUNTIME_DIR": str(runtime), "CRFS_CACHE_DIR": str(cache),
                          "CRFS_WORKER_CMD": f"{sys.executable} -m crfs_worker.worker --idle-timeout 600 {worker_args}",
                          **env})
-        made.append(Crfs(image, plugin, full_env, runtime, cache, tmp_path / f"w{len(made)}"))
+        made.append(Crfs(image, plugin, full_env, runtime, cache, tmp_path / f"w{len(made)}", fuse_overlayfs))
         return made[-1]
 
     yield make
@@ -299,6 +304,7 @@ _READ_SCRIPT = textwrap.dedent("""
 """)
 
 
+@EACH_FUSE_OVERLAYFS
 def test_reads_fail_with_eio_while_the_registry_is_down(image: PrefetchImage, crfs: Callable[..., Crfs]) -> None:
     worker = crfs(CRFS_BACKGROUND_FETCH="0", CRFS_FETCH_ATTEMPTS="2", CRFS_FETCH_DEADLINE="2")
     merged = worker.mount()

@@ -48,6 +48,25 @@ def _unpack(client: httpx.Client, fields: dict[str, str], root: Path) -> None:
     deb.unlink()
 
 
+DEBIAN_12 = Path("/usr/bin/fuse-overlayfs")  # 1.10, installed
+
+
+def suite_fuse_overlayfs() -> Path:
+    """The fuse-overlayfs the real-mount tests run: $CRFS_TEST_FUSE_OVERLAYFS (how
+    tests/test_fuse_overlayfs_versions.py runs a module again on another build), else
+    Debian 12's."""
+    return Path(os.environ.get("CRFS_TEST_FUSE_OVERLAYFS") or DEBIAN_12)
+
+
+def fuse_overlayfs_build(name: str) -> Path:
+    """A build by name, for tests parametrized over them: "1.10" (Debian 12's) or "1.14"
+    (Debian 13's, fetched once)."""
+    builds = {"1.10": lambda: DEBIAN_12, "1.14": fuse_overlayfs_1_14}
+    if name not in builds:
+        raise ValueError(f"no fuse-overlayfs build {name!r}: one of {', '.join(builds)}")
+    return builds[name]()
+
+
 def fuse_overlayfs_1_14() -> Path:
     """A runnable `fuse-overlayfs` command (a script) for Debian 13's fuse-overlayfs."""
     wrapper = CACHE / "fuse-overlayfs"
