@@ -8,7 +8,9 @@ of first access. Clients use two IPC requests:
     record_stop  {id}     -> {opens: [[layer, path, blob digest or nil, location], ...]}
 
 Recordings are bounded (entries each, recordings at once): a client that never stops
-its recording costs little, and the oldest recording is dropped for a new one.
+its recording costs little, and the oldest recording is dropped for a new one. (Not
+recent.Recent: a recording keeps its FIRST entries and says it overflowed, and
+recordings go by age of start, never refreshed by use, and are iterated and popped.)
 """
 from __future__ import annotations
 
