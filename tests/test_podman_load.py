@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import random
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from tests.support.podman import (
     PodmanUser,
     debootstrap_tarball,
     prepare_images,
+    tarball_files,
 )
 from tests.support.registry import FaultRelay, LoggedRegistry
 
@@ -146,21 +146,6 @@ def _payload_ends(images: E2EImages) -> dict[str, int]:
     return ends
 
 
-def _file_contents(tarball: Path, names: tuple[str, ...]) -> dict[str, bytes]:
-    """Regular files of the image's tarball: the truth the readers' slices come from."""
-    wanted = {f"./{name}": name for name in names}
-    found: dict[str, bytes] = {}
-    with tarfile.open(tarball) as tar:
-        for member in tar:
-            name = wanted.get(member.name)
-            if name is None:
-                continue
-            assert member.isfile(), f"{name} is not a regular file in {tarball}"
-            found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    assert set(found) == set(names), f"missing from the image: {set(names) - set(found)}"
-    return found
-
-
 def _plans(contents: dict[str, bytes], seed: int) -> dict[str, list[list[list[object]]]]:
     """container index -> reader -> [name, offset, length, sha256 of the expected slice]."""
     rng = random.Random(seed)
@@ -212,7 +197,7 @@ def _data_ranges(relayed: RelayedImages, since: int) -> dict[str, list[tuple[int
 @pytest.mark.parametrize("path", ["plugin", "store"])
 def test_sixteen_containers_and_64_readers_fetch_each_chunk_once(user: PodmanUser, relayed: RelayedImages,
                                                                  work: Path, path: str) -> None:
-    contents = _file_contents(debootstrap_tarball(), READ_FILES)
+    contents = tarball_files(debootstrap_tarball(), READ_FILES)
     base = user.make_dir(work / path)
     root = PodmanRoot(user.make_dir(base / "root"), user.make_dir(user.runtime / f"load-{path}-{work.name}"),
                       PATHS[path], user.store)

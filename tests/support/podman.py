@@ -18,6 +18,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 import uuid
@@ -85,6 +86,22 @@ def debootstrap_tarball(cache_dir: Path = CACHE_DIR) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return tarball
+
+
+def tarball_files(tarball: Path, names: Sequence[str]) -> dict[str, bytes]:
+    """Regular files of an image's tarball (names without the leading ./): the truth
+    what containers read is compared with."""
+    wanted = {f"./{name}": name for name in names}
+    found: dict[str, bytes] = {}
+    with tarfile.open(tarball) as tar:
+        for member in tar:
+            name = wanted.get(member.name)
+            if name is None:
+                continue
+            assert member.isfile(), f"{name} is not a regular file in {tarball}"
+            found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    assert set(found) == set(names), f"missing from the image: {set(names) - set(found)}"
+    return found
 
 
 # ---------------------------------------------------------------------------- registry
