@@ -20,8 +20,9 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from .blob import BlobReader
+from .blob import BlobReader, stream_range
 from .dirs import ensure_private_dir, new_private_file, write_all
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ class TailKeepingBlob:
         if offset + length == self.size and 0 < length <= TAIL_LIMIT and (tail is None or length > len(tail)):
             self._keep(data)
         return data
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """The range as it streams (blob.stream_range): from the kept tail if it lies there,
+        else from the blob (not kept: a streamed range is a TOC or file data)."""
+        tail = self._kept()
+        if tail is not None and length >= 0 and offset >= self.size - len(tail) and offset + length <= self.size:
+            yield self.read_range(offset, length)
+            return
+        yield from stream_range(self.blob, offset, length)
 
     def _kept(self) -> bytes | None:
         if not self._loaded:

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import zstandard
 
-from .blob import BlobReader
+from .blob import BlobReader, stream_range
 from .errors import FormatError
 from .footer import Footer
 
@@ -196,10 +196,17 @@ _REFILL = 256 * 1024  # and then with at least this much
 
 
 class _BlobRange:
-    """File-like reader of `[start, end)` of a blob, in pieces, hashing what it reads."""
+    """File-like reader of `[start, end)` of a blob, in pieces, hashing what it reads.
+
+    A blob that streams ranges (a registry blob: `stream_range`) is read as ONE streamed
+    range, handed on piece by piece as it arrives: the TOC is decompressed and parsed
+    while the rest of it is still on the wire. Other blobs (local files) are read in
+    `piece`-sized ranges. Reads may be short; b"" is the end."""
 
     def __init__(self, blob: BlobReader, start: int, end: int, piece: int, hasher: Any) -> None:
         self.blob, self.pos, self.end, self.piece, self.hasher = blob, start, end, piece, hasher
+        self._stream: Iterator[bytes] | None = None
+        self._held = b""  # the part of a streamed piece not read yet
 
     def read(self, n: int = -1) -> bytes:
         if self.pos >= self.end:
@@ -207,14 +214,32 @@ class _BlobRange:
         if n < 0 or n > self.piece:
             n = self.piece
         n = min(n, self.end - self.pos)
-        data = self.blob.read_range(self.pos, n)
-        self.pos += n
+        data = self._streamed(n) if hasattr(self.blob, "stream_range") else self.blob.read_range(self.pos, n)
+        if not data:
+            raise FormatError(f"{self.blob.name}: TOC range ended at {self.pos}, before {self.end}")
+        self.pos += len(data)
         self.hasher.update(data)
+        return data
+
+    def _streamed(self, n: int) -> bytes:
+        if not self._held:
+            if self._stream is None:
+                self._stream = stream_range(self.blob, self.pos, self.end - self.pos)
+            self._held = next(self._stream, b"")
+        data, self._held = self._held[:n], self._held[n:]
         return data
 
     def drain(self) -> None:
         while self.read():
             pass
+
+    def close(self) -> None:
+        """Ends a stream still open (the parse stopped early): its connection is given back."""
+        if self._stream is not None:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+            self._stream = None
 
 
 class TocSource:
@@ -262,9 +287,10 @@ class TocSource:
         return self._gen
 
     def close(self) -> None:
-        """Stop reading (ends the background reader thread)."""
+        """Stop reading (ends the background reader thread and a streamed range)."""
         if self._gen is not None:
             self._gen.close()
+        self._raw.close()
 
     def _background(self, gen: Iterator[bytes]) -> Iterator[bytes]:
         # zlib, zstd and hashlib release the GIL: decompressing and hashing the next
