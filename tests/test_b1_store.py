@@ -1,0 +1,72 @@
+"""B1 cold start through podman's additional layer store: podman's pull does not wait for
+the TOC.
+
+containers/storage stats STORE/REF/DIGEST/{diff,info,blob} while it pulls, then fetches the
+config and sets the container up; only its mount reads the diff tree. The worker answers
+the three stats from the manifest and opens the layer (footer, TOC, digest check, index)
+in a thread beside them (LayerStore.open_layer -> LayerTable.mount_soon). Shown here with a
+layer whose TOC does not match the digest its manifest gives: the stats succeed although
+the open fails, and everything that needs the layer's entries fails with EIO (nothing of
+an unverified TOC is served).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from crfs_worker.reference import ImageReference
+from tests.support.images import build_test_image
+from tests.support.registry import RunningRegistry
+from tests.test_layerstore import OPAQUE, Pushed, StoreWorker, _convert, expected_diff, snapshot, worker  # noqa: F401
+
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+
+pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="the store's FUSE mount needs /dev/fuse (root here)")
+
+
+@pytest.fixture(scope="module")
+def converted(registry: RunningRegistry, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
+    return _convert(registry, build_test_image(tmp_path_factory.mktemp("b1-store-image") / "oci"), "b1store/app")
+
+
+def _with_wrong_toc_digest(registry: RunningRegistry, pushed: Pushed) -> str:
+    """The same image under another tag, its top layer claiming a TOC digest it does not have."""
+    manifest = json.loads(json.dumps(pushed.manifest))
+    manifest["layers"][-1]["annotations"][TOC_DIGEST] = "sha256:" + "0" * 64
+    ref = pushed.esgz.rsplit(":", 1)[0] + ":wrong-toc"
+    with registry.client() as client:
+        client.put_manifest(ImageReference.parse(ref), json.dumps(manifest).encode(), manifest["mediaType"])
+    return ref
+
+
+def test_podman_stats_a_layer_before_its_toc_is_checked(worker: StoreWorker, registry: RunningRegistry,  # noqa: F811
+                                                       converted: Pushed) -> None:
+    ref = _with_wrong_toc_digest(registry, converted)
+    layer = worker.layer_dir(ref, converted.layer_digests[-1])
+    # What containers/storage does while it pulls: all three answer.
+    diff = os.stat(layer / "diff")
+    assert stat.S_ISDIR(diff.st_mode)
+    assert json.loads((layer / "info").read_bytes())["compressed-diff-digest"] == converted.layer_digests[-1]
+    assert os.stat(layer / "blob").st_size > 0
+    # What the mount does: the TOC did not verify, so nothing of it is served.
+    with pytest.raises(OSError) as listing:
+        os.listdir(layer / "diff")
+    assert listing.value.errno == errno.EIO
+    with pytest.raises(OSError) as reading:
+        (layer / "blob").read_bytes()
+    assert reading.value.errno == errno.EIO
+    log = (worker.runtime / "worker.log").read_text(errors="replace")
+    assert "TOC does not match its digest" in log
+
+
+def test_a_layer_opened_beside_the_pull_serves_its_tree(worker: StoreWorker, converted: Pushed) -> None:  # noqa: F811
+    # A fresh reference: its layers are looked up (and opened) for the first time here.
+    layer = worker.layer_dir(converted.esgz, converted.layer_digests[0])
+    for name in ("diff", "info", "blob"):
+        os.stat(layer / name)
+    assert snapshot(layer / "diff") == expected_diff(converted.image.layers[0].entries)
