@@ -149,6 +149,12 @@ class StoreLayer:
     def key(self) -> str:
         return key_for(f"store:{self.repository}@{self.blob_digest}")
 
+    @classmethod
+    def of(cls, ref: str, digest: str, repository: str, desc: Any, diff_id: str) -> "StoreLayer":
+        """The layer a manifest's descriptor `desc` describes (`diff_id` "" while unknown)."""
+        return cls(ref, digest, repository, desc.digest, desc.size, desc.toc_digest or "", dict(desc.annotations),
+                   diff_id, desc.media_type)
+
     def info(self) -> bytes:
         """containers/storage's Layer JSON: podman derives layer IDs from diff-digest."""
         record: dict[str, Any] = {
@@ -174,8 +180,7 @@ class ImageLayers:
     def find(self, ref: str, digest: str) -> StoreLayer | None:
         for desc, diff_id in self.layers:
             if digest in (desc.digest, desc.toc_digest):
-                return StoreLayer(ref, digest, self.repository, desc.digest, desc.size, desc.toc_digest or "",
-                                  dict(desc.annotations), diff_id, desc.media_type)
+                return StoreLayer.of(ref, digest, self.repository, desc, diff_id)
         return None
 
 
@@ -198,6 +203,9 @@ class ImageResolver:
     (again when a layer is asked for that the cached manifest does not list)."""
 
     client_factory: Callable[[], Any]
+    # Told of an image's seekable layers as soon as its manifest names them, before its
+    # config is fetched: the store starts opening them then (LayerStore.open_early).
+    on_manifest: Callable[[list[StoreLayer]], None] | None = None
     _client: Any = field(default=None, init=False, repr=False)
     _images: dict[str, list[ImageLayers]] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -237,18 +245,20 @@ class ImageResolver:
         repository = ImageReference.parse(ref).name
         top = location.store.get_manifest(location.target)
         if not top.is_index:
-            return [self._image(location.store, json_object(top.data, f"{ref}: manifest"), ref, repository)]
+            return [self._image(location.store, json_object(top.data, f"{ref}: manifest"), ref, repository, digest)]
         images = []
         for child in _index_children(json_object(top.data, f"{ref}: manifest"), ref):
             manifest = location.store.get_manifest(child)
-            images.append(self._image(location.store, json_object(manifest.data, f"{ref}: manifest"), ref, repository))
+            images.append(self._image(location.store, json_object(manifest.data, f"{ref}: manifest"), ref, repository,
+                                      digest))
             if images[-1].find(ref, digest) is not None:
                 break
         return images
 
-    @staticmethod
-    def _image(store: Any, doc: dict[str, Any], ref: str, repository: str) -> ImageLayers:
+    def _image(self, store: Any, doc: dict[str, Any], ref: str, repository: str, digest: str) -> ImageLayers:
         descriptors = layer_descriptors(doc, ref)
+        if self.on_manifest is not None and any(digest in (d.digest, d.toc_digest) for d in descriptors):
+            self.on_manifest([StoreLayer.of(ref, d.digest, repository, d, "") for d in descriptors if d.toc_digest])
         config_digest = (doc.get("config") or {}).get("digest")
         if not isinstance(config_digest, str) or not is_valid_digest(config_digest):
             raise FormatError(f"{ref}: the manifest names no valid config digest")
@@ -406,6 +416,15 @@ class LayerStore:
 
     def layer(self, ref: str, digest: str) -> StoreLayer:
         return self.resolver.find(ref, digest)
+
+    def __post_init__(self) -> None:
+        self.resolver.on_manifest = self.open_early
+
+    def open_early(self, layers: list[StoreLayer]) -> None:
+        """Starts opening the seekable layers of an image whose manifest just came in: the
+        TOCs come in beside the config fetch, all layers at once."""
+        for layer in layers:
+            self.open_layer(layer)
 
     def open_layer(self, layer: StoreLayer) -> int:
         """Registers the layer under its KEY and starts opening it (fetching and checking

@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,19 @@ def test_a_layer_opened_beside_the_pull_serves_its_tree(worker: StoreWorker, con
     for name in ("diff", "info", "blob"):
         os.stat(layer / name)
     assert snapshot(layer / "diff") == expected_diff(converted.image.layers[0].entries)
+
+
+def test_the_first_lookup_opens_every_seekable_layer_of_the_image(worker: StoreWorker, registry: RunningRegistry,  # noqa: F811
+                                                                   tmp_path: Path) -> None:
+    # Its own repository: no other test looked its layers up.
+    pushed = _convert(registry, build_test_image(tmp_path / "oci"), "b1store/early")
+    repository = pushed.esgz.rsplit(":", 1)[0]
+    os.stat(worker.layer_dir(pushed.esgz, pushed.layer_digests[0]) / "diff")  # podman asks for one layer
+    log = worker.runtime / "worker.log"
+    wanted = {f"{repository}@{digest}" for digest in pushed.layer_digests}
+    deadline = time.monotonic() + 60  # a bound on a hang, not a measurement
+    opened: set[str] = set()
+    while time.monotonic() < deadline and not wanted <= opened:
+        opened = set(re.findall(r"opened layer \d+: (\S+)", log.read_text(errors="replace")))
+        time.sleep(0.1)
+    assert wanted <= opened
