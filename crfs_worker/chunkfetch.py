@@ -36,6 +36,10 @@ from .recent import Recent
 log = logging.getLogger(__name__)
 
 UNVERIFIED_CACHE_BYTES = 16 << 20
+# Verified chunks just fetched, kept in memory too: a sequential reader reads each one
+# right after it lands, in many small reads (128 KiB from fuse-overlayfs), each of which
+# would otherwise open, check, read and close the chunk's store file.
+LANDED_CACHE_BYTES = 32 << 20
 
 
 class ChunkLike(Protocol):
@@ -146,9 +150,9 @@ class AheadPolicy:
     0 turns either off."""
 
     coalesce: int = 1 << 20
-    read_ahead: int = 16 << 20
+    read_ahead: int = 32 << 20
     parallel: int = 4
-    request_limit: int = 4 << 20    # compressed bytes per read-ahead request
+    request_limit: int = 16 << 20   # compressed bytes per read-ahead request
     sequential_run: int = 4 << 20  # bytes read back to back before reading ahead
     # A read within this much of the current run continues it: the kernel's readahead has
     # several reads in flight, and the view's threads may see them out of order.
@@ -272,6 +276,9 @@ class ChunkFetcher:
     # Recently decoded undigested chunks, so the kernel's small reads of one chunk fetch it once.
     _memory: "Recent[Hashable, bytes]" = field(default_factory=lambda: Recent(UNVERIFIED_CACHE_BYTES, len),
                                                init=False, repr=False)
+    # Verified bytes of digested chunks this worker fetched lately, by digest.
+    _landed: "Recent[bytes, bytes]" = field(default_factory=lambda: Recent(LANDED_CACHE_BYTES, len),
+                                            init=False, repr=False)
     _flights: dict[Hashable, _Flight] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _reads: "OrderedDict[tuple[int, int], _ReadState]" = field(
@@ -329,6 +336,9 @@ class ChunkFetcher:
         if data is not None:
             return data[lo:hi]
         assert chunk.digest is not None  # undigested chunks always come back in `fresh`
+        landed = self._landed.get(chunk.digest)
+        if landed is not None and len(landed) == chunk.size:
+            return landed[lo:hi]
         piece = self.store.read(chunk.digest, chunk.size, lo, hi - lo)
         if piece is not None:
             return piece
@@ -436,6 +446,13 @@ class ChunkFetcher:
         mine, _theirs = self._claim(target, wanted)
         if not mine:
             return 0
+        return self._stream_claimed(target, span, mine, on_stored, should_yield=should_yield, narrow=narrow)
+
+    def _stream_claimed(self, target: FetchTarget, span: Span, mine: Sequence[ChunkLike],
+                        on_stored: Callable[[int], None] | None = None, *,
+                        should_yield: Callable[[], bool] | None = None, narrow: bool = False) -> int:
+        """`stream_span` for chunks this caller has claimed: every claim is landed or
+        released before this returns."""
         lander = _Lander(self, target, on_stored)
         # Zeros chunks need no bytes; the others land in blob order as the stream brings them.
         ordered = deque(sorted(mine, key=lambda c: (not c.zeros, c.cstart, c.cend)))
@@ -459,25 +476,21 @@ class ChunkFetcher:
         """Reads the span's stream, handing each chunk of `ordered` (by blob offset) to
         `lander` once its bytes are in, and keeping only the bytes chunks still need;
         stops early (chunks left in `ordered`) once `should_yield()`."""
-        buffer = bytearray()
-        base = span.start  # the blob offset of buffer[0]
+        gathered = _Gathered(span.start)
         # Closed at once on failure: the request ends (and stops counting as in flight).
         with closing(stream_range(target.blob, span.start, span.length)) as pieces:
             for piece in pieces:
                 if self._closed:
                     raise CrfsError(f"{target.blob.name}: the worker is stopping")
-                buffer += piece
-                while ordered and ordered[0].cend <= base + len(buffer):
+                gathered.add(piece)
+                while ordered and ordered[0].cend <= gathered.end:
                     chunk = ordered.popleft()
-                    lander.put(chunk, bytes(buffer[chunk.cstart - base:chunk.cend - base]))
+                    lander.put(chunk, gathered.take(chunk.cstart, chunk.cend))
                 if ordered and should_yield is not None and should_yield():
                     return  # closed here: a partly received chunk is fetched again later
                 # Chunks are in blob order: bytes before the next one's start are done with
                 # (a hole between chunks may go on past the bytes in so far).
-                drop = min((ordered[0].cstart if ordered else base + len(buffer)) - base, len(buffer))
-                if drop > 0:
-                    del buffer[:drop]
-                    base += drop
+                gathered.drop_before(ordered[0].cstart if ordered else gathered.end)
 
     # ---------------------------------------------------------------- beyond the request
 
@@ -532,11 +545,26 @@ class ChunkFetcher:
             log.warning("%s: %s: no read-ahead: %s", target.blob.name, last.path, exc)
             return
         own = [c for c in after if c.ino == last.ino]
-        mine, _theirs = self._claim(target, own)
-        for span in plan_spans(mine, 0, self.policy.request_limit):
+        mine, _theirs = self._claim(target, own, lambda missing: self._worth_a_request(last, missing))
+        if not mine:
+            return
+        # A request takes chunks up to request_limit and may exceed it by less than one
+        # chunk: chunks a little larger than a quarter of the limit still go four at a time.
+        slack = max(c.cend - c.cstart for c in mine) - 1
+        for span in plan_spans(mine, 0, self.policy.request_limit + slack):
             if not self._submit(self._fetch_ahead, target, span):
                 for chunk in span.chunks:
                     self._land(target, chunk, None, CrfsError(f"{target.blob.name}: the worker is stopping"))
+
+    def _worth_a_request(self, last: ChunkLike, missing: list[ChunkLike]) -> bool:
+        """Whether to fetch the missing chunks of a read-ahead window now: once they make
+        a whole request (`request_limit`), or once the first of them is less than that
+        ahead of the reader (the file's end, a window of few chunks). Not a request per
+        chunk each time the reader crosses one: each costs a round trip, and the
+        registry's and our per-request work."""
+        limit = self.policy.request_limit
+        first = min(c.cstart for c in missing)
+        return sum(c.cend - c.cstart for c in missing) >= limit or first - last.cend < limit
 
     def _sequential(self, target: FetchTarget, last: ChunkLike, offset: int, size: int) -> bool:
         """Whether this read makes a run of back-to-back reads of the file at least
@@ -559,10 +587,14 @@ class ChunkFetcher:
         return go
 
     def _fetch_ahead(self, target: FetchTarget, span: Span) -> None:
+        """Streams a read-ahead span, each chunk landing as soon as its bytes are in (the
+        reader waits for the chunk it needs, not for the whole request; receiving and
+        decoding run in two threads). A chunk that fails is released: its reader fetches
+        it again and gets the failure itself (VerificationError for bad bytes)."""
         try:
             with self.gate.on_demand():
-                self._fetch_claimed(target, [span])
-        except (CrfsError, OSError) as exc:  # landed: a reader of these chunks gets it
+                self._stream_claimed(target, span, span.chunks)
+        except (CrfsError, OSError) as exc:  # released: a reader of these chunks fetches them
             log.info("%s: read-ahead of %s failed: %s", target.blob.name, span.chunks[0].path, exc)
         except Exception:
             log.exception("%s: read-ahead", target.blob.name)
@@ -595,11 +627,13 @@ class ChunkFetcher:
 
     # ---------------------------------------------------------------- flights
 
-    def _claim(self, target: FetchTarget, chunks: Sequence[ChunkLike]
+    def _claim(self, target: FetchTarget, chunks: Sequence[ChunkLike],
+               worth: Callable[[list[ChunkLike]], bool] | None = None
                ) -> tuple[list[ChunkLike], list[tuple[ChunkLike, Hashable, _Flight]]]:
         """Splits missing chunks into those this caller fetches and the flights of those
-        others are fetching; chunks that became local meanwhile are neither."""
-        mine: list[ChunkLike] = []
+        others are fetching; chunks that became local meanwhile are neither. With
+        `worth`, claims the missing chunks only if `worth(them)`."""
+        mine: dict[Hashable, ChunkLike] = {}
         theirs: list[tuple[ChunkLike, Hashable, _Flight]] = []
         with self._lock:
             for chunk in chunks:
@@ -607,10 +641,13 @@ class ChunkFetcher:
                 flight = self._flights.get(key)
                 if flight is not None:
                     theirs.append((chunk, key, flight))
-                elif not self._landed_meanwhile(target, chunk):
-                    self._flights[key] = _Flight()
-                    mine.append(chunk)
-        return mine, theirs
+                elif key not in mine and not self._landed_meanwhile(target, chunk):
+                    mine[key] = chunk
+            if worth is not None and mine and not worth(list(mine.values())):
+                mine = {}
+            for key in mine:
+                self._flights[key] = _Flight()
+        return list(mine.values()), theirs
 
     def _landed_meanwhile(self, target: FetchTarget, chunk: ChunkLike) -> bool:
         """Whether a fetch that ended after the caller looked has stored the chunk. A
@@ -703,7 +740,54 @@ class ChunkFetcher:
                 log.warning("%s (%d chunks not kept so far)", exc, self.store.not_kept)
             return data, False
         target.note_local(chunk.digest, len(data))
+        self._landed.put(chunk.digest, data)
         return data, True
+
+
+@dataclass
+class _Gathered:
+    """The bytes of a stream kept for the chunks still to land: the pieces as they came
+    (no copy on arrival), joined once per chunk (`take`)."""
+
+    start: int  # the blob offset of the first byte kept
+    _pieces: "deque[memoryview]" = field(default_factory=deque, init=False, repr=False)
+    _kept: int = field(default=0, init=False)
+
+    @property
+    def end(self) -> int:
+        """The blob offset just after the last byte in."""
+        return self.start + self._kept
+
+    def add(self, piece: bytes) -> None:
+        if piece:
+            self._pieces.append(memoryview(piece))
+            self._kept += len(piece)
+
+    def take(self, begin: int, end: int) -> bytes:
+        """The bytes [begin, end) of the blob, all in (start <= begin, end <= self.end),
+        copied once."""
+        parts, at = [], self.start
+        for piece in self._pieces:
+            lo, hi = max(begin - at, 0), min(end - at, len(piece))
+            if hi > lo:
+                parts.append(piece[lo:hi])
+            at += len(piece)
+            if at >= end:
+                break
+        return b"".join(parts)
+
+    def drop_before(self, offset: int) -> None:
+        """Forgets the bytes before blob offset `offset` (at most all that are in: the
+        stream goes on from `end`)."""
+        while self._pieces and self.start + len(self._pieces[0]) <= offset:
+            first = self._pieces.popleft()
+            self.start += len(first)
+            self._kept -= len(first)
+        if self._pieces and offset > self.start:
+            cut = offset - self.start
+            self._pieces[0] = self._pieces[0][cut:]
+            self.start += cut
+            self._kept -= cut
 
 
 @dataclass

@@ -645,7 +645,7 @@ class RegistryClient:
         deadline = time.monotonic() + limit
         received = 0
         try:
-            for piece in response.iter_bytes(64 << 10):
+            for piece in response.iter_bytes():  # as received: a chunk size would copy each piece once more
                 received += len(piece)
                 yield piece
                 if received < length and time.monotonic() > deadline:
