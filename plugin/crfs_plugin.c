@@ -151,6 +151,19 @@ struct crfs_layer
   size_t cached_entries;
 };
 
+#define CRFS_AHEAD_DEFAULT 32 /* look-ahead `list` requests in flight (see ahead_send) */
+#define CRFS_AHEAD_MAX 64
+#define CRFS_AHEAD_WANTED 1024 /* directories remembered for the look-ahead */
+#define CRFS_SKB_OVERHEAD 1024 /* the kernel's bookkeeping per message, above its bytes */
+
+/* A directory to list ahead: asked for, or wanted. */
+struct ahead_dir
+{
+  struct crfs_layer *cl; /* NULL once its layer is cleaned up */
+  char *path;
+  size_t cost; /* of its request in the send buffer, while unread */
+};
+
 /* A directory stream answered from the cached listing (see crfs_opendir). */
 struct listing_stream
 {
@@ -169,6 +182,16 @@ struct crfs_state
   int sock;
   struct crfs_layer *layers;
   bool stale_fds; /* the connection broke: root fds may point at a dead view */
+  /* Under cache_lock: listing ahead (see ahead_send). The requests in flight on
+   * ahead_sock, oldest first (a ring), and the wanted directories (a stack in a ring). */
+  int ahead_sock;
+  int ahead_depth;  /* CRFS_LIST_AHEAD, -1 until read */
+  size_t ahead_room;  /* bytes of requests the send buffer takes unread (ahead_connect) */
+  size_t ahead_bytes; /* what the requests in flight cost of it */
+  struct ahead_dir ahead[CRFS_AHEAD_MAX];
+  size_t ahead_first, ahead_count;
+  struct ahead_dir wanted[CRFS_AHEAD_WANTED];
+  size_t wanted_next, wanted_count;
   FILE *log;
   bool log_checked;
   /* Under cache_lock: the open listing streams, and whether the call just before was
@@ -184,6 +207,8 @@ static struct crfs_state state = {
   .cache_lock = PTHREAD_MUTEX_INITIALIZER,
   .lock = PTHREAD_MUTEX_INITIALIZER,
   .sock = -1,
+  .ahead_sock = -1,
+  .ahead_depth = -1,
   .dead_dir = -1,
 };
 
@@ -466,14 +491,11 @@ recv_exact (int sock, char *buf, size_t len, int *fd_out)
   return 0;
 }
 
-/* One request/reply exchange on the current socket. Returns 0, or -1 with errno set
- * for a transport failure (the caller may reconnect); r->map is the decoded reply. */
+/* Sends one framed request on SOCK. Returns 0, or -1 with errno set. */
 static int
-exchange (struct request *q, struct reply *r)
+send_request (int sock, struct request *q)
 {
-  unsigned char header[4];
   uint32_t body_len;
-  size_t off = 0;
 
   if (q->failed)
     {
@@ -485,10 +507,18 @@ exchange (struct request *q, struct reply *r)
   q->sb.data[1] = (char) (body_len >> 16);
   q->sb.data[2] = (char) (body_len >> 8);
   q->sb.data[3] = (char) body_len;
-  if (send_all (state.sock, q->sb.data, q->sb.size) < 0)
-    return -1;
+  return send_all (sock, q->sb.data, q->sb.size);
+}
 
-  if (recv_exact (state.sock, (char *) header, sizeof (header), &r->fd) < 0)
+/* Receives the next reply on SOCK into r (freshly initialised). Returns 0, or -1 with
+ * errno set for a transport failure; r->map is the decoded reply. */
+static int
+recv_reply (int sock, struct reply *r)
+{
+  unsigned char header[4];
+  size_t off = 0;
+
+  if (recv_exact (sock, (char *) header, sizeof (header), &r->fd) < 0)
     return -1;
   r->len = ((uint32_t) header[0] << 24) | ((uint32_t) header[1] << 16) | ((uint32_t) header[2] << 8)
            | (uint32_t) header[3];
@@ -500,7 +530,7 @@ exchange (struct request *q, struct reply *r)
   r->buf = malloc (r->len);
   if (r->buf == NULL)
     return -1; /* the stream is now out of step: the caller drops the connection */
-  if (recv_exact (state.sock, r->buf, r->len, &r->fd) < 0)
+  if (recv_exact (sock, r->buf, r->len, &r->fd) < 0)
     return -1;
   if (msgpack_unpack_next (&r->up, r->buf, r->len, &off) != MSGPACK_UNPACK_SUCCESS
       || r->up.data.type != MSGPACK_OBJECT_MAP)
@@ -510,6 +540,23 @@ exchange (struct request *q, struct reply *r)
     }
   r->map = &r->up.data;
   return 0;
+}
+
+/* One request/reply exchange on SOCK. Returns 0, or -1 with errno set for a transport
+ * failure (the caller may reconnect); r->map is the decoded reply. */
+static int
+exchange_on (int sock, struct request *q, struct reply *r)
+{
+  if (send_request (sock, q) < 0)
+    return -1;
+  return recv_reply (sock, r);
+}
+
+/* The same on the connection of synchronous calls. */
+static int
+exchange (struct request *q, struct reply *r)
+{
+  return exchange_on (state.sock, q, r);
 }
 
 /* The worker's verdict: 0, or -1 with errno from the reply. */
@@ -794,7 +841,7 @@ report_start_failure (void)
            strerror (errno));
 }
 
-static int hello_locked (void);
+static int hello_on (int sock);
 
 /* Connects (starting a worker if none answers) and greets. Called with the lock held. */
 static int
@@ -870,7 +917,7 @@ connect_locked (void)
   if (fd < 0)
     return -1;
   state.sock = fd;
-  if (hello_locked () < 0)
+  if (hello_on (fd) < 0)
     {
       int saved = errno;
       close (state.sock);
@@ -889,8 +936,9 @@ disconnect_locked (void)
   state.sock = -1;
 }
 
+/* Greets the worker on SOCK: it must speak our protocol. */
 static int
-hello_locked (void)
+hello_on (int sock)
 {
   struct request q;
   struct reply r;
@@ -900,7 +948,7 @@ hello_locked (void)
   req_begin (&q, "hello", 1);
   req_uint (&q, "version", CRFS_PROTOCOL_VERSION);
   reply_init (&r);
-  ret = exchange (&q, &r);
+  ret = exchange_on (sock, &q, &r);
   if (ret == 0)
     ret = reply_status (&r);
   if (ret == 0 && (! reply_uint (&r, "version", &version) || version != CRFS_PROTOCOL_VERSION))
@@ -1329,17 +1377,30 @@ insert_dir (struct crfs_layer *cl, struct cached_dir *d)
   cl->cached_entries += d->count + 1;
 }
 
-/* Fetches DIR's listing (or the fact that it is absent). Called with cache_lock held. */
-static struct cached_dir *
-fetch_dir (struct crfs_layer *cl, const char *dir)
+static void
+list_request (struct request *q, struct crfs_layer *cl, const char *dir)
 {
-  struct request q;
-  struct reply r;
+  req_begin (q, "list", 2);
+  req_uint (q, "layer", cl->num);
+  req_bin (q, "path", dir);
+}
+
+/* DIR's listing from the reply to its `list` request (ERR: the request's errno, 0 when
+ * it succeeded): a new cached_dir, one that records that DIR is absent, or NULL with
+ * errno (nothing to keep). */
+static struct cached_dir *
+listing_of_reply (const char *dir, int err, const struct reply *r)
+{
   const msgpack_object *rows;
   struct cached_dir *d;
   uint32_t i;
-  int ret, saved;
+  int saved;
 
+  if (err != 0 && err != ENOENT && err != ENOTDIR)
+    {
+      errno = err;
+      return NULL;
+    }
   d = calloc (1, sizeof (*d));
   if (d == NULL)
     return NULL;
@@ -1349,29 +1410,14 @@ fetch_dir (struct crfs_layer *cl, const char *dir)
       free (d);
       return NULL;
     }
-  req_begin (&q, "list", 2);
-  req_uint (&q, "layer", cl->num);
-  req_bin (&q, "path", dir);
-  reply_init (&r);
-  ret = call (&q, &r);
-  if (ret < 0)
+  if (err != 0)
     {
-      saved = errno;
-      reply_free (&r);
-      if (saved == ENOENT || saved == ENOTDIR)
-        {
-          d->error = saved; /* absence is as permanent as presence */
-          insert_dir (cl, d);
-          return d;
-        }
-      free_dir (d);
-      errno = saved;
-      return NULL;
+      d->error = err; /* absence is as permanent as presence */
+      return d;
     }
-  rows = reply_get (&r, "entries");
+  rows = reply_get (r, "entries");
   if (rows == NULL || rows->type != MSGPACK_OBJECT_ARRAY)
     {
-      reply_free (&r);
       free_dir (d);
       errno = EPROTO;
       return NULL;
@@ -1379,7 +1425,6 @@ fetch_dir (struct crfs_layer *cl, const char *dir)
   d->entries = calloc (rows->via.array.size ? rows->via.array.size : 1, sizeof (*d->entries));
   if (d->entries == NULL)
     {
-      reply_free (&r);
       free_dir (d);
       return NULL;
     }
@@ -1388,16 +1433,35 @@ fetch_dir (struct crfs_layer *cl, const char *dir)
       if (parse_entry (&rows->via.array.ptr[i], &d->entries[i]) < 0)
         {
           saved = errno;
-          reply_free (&r);
           free_dir (d);
           errno = saved;
           return NULL;
         }
       d->count++;
     }
-  reply_free (&r);
   qsort (d->entries, d->count, sizeof (*d->entries), entry_cmp);
-  insert_dir (cl, d);
+  return d;
+}
+
+/* Fetches DIR's listing (or the fact that it is absent). Called with cache_lock held. */
+static struct cached_dir *
+fetch_dir (struct crfs_layer *cl, const char *dir)
+{
+  struct request q;
+  struct reply r;
+  struct cached_dir *d;
+  int ret, saved;
+
+  list_request (&q, cl, dir);
+  reply_init (&r);
+  ret = call (&q, &r);
+  d = listing_of_reply (dir, ret < 0 ? errno : 0, &r);
+  saved = errno;
+  reply_free (&r);
+  trace ("list(%llu, %s) = %d errno %d", (unsigned long long) cl->num, dir, d ? 0 : -1, d ? d->error : saved);
+  if (d != NULL)
+    insert_dir (cl, d);
+  errno = saved;
   return d;
 }
 
@@ -1444,18 +1508,343 @@ fetch_root (struct crfs_layer *cl)
   return 0;
 }
 
-/* The listing of directory DIR (normalised), fetched if not cached yet; it may record
- * that DIR is absent (d->error). Valid until the next fetch. Called with cache_lock held. */
+/* DIR's listing if it is cached, else NULL. Called with cache_lock held. */
 static struct cached_dir *
-get_dir (struct crfs_layer *cl, const char *dir)
+cached_dir (struct crfs_layer *cl, const char *dir)
 {
   struct cached_dir *d;
 
   for (d = cl->dirs[path_bucket (dir)]; d; d = d->next)
     if (strcmp (d->path, dir) == 0)
       return d;
-  return fetch_dir (cl, dir);
+  return NULL;
 }
+
+/* ---- Listing ahead. A walk (find, du, ls -R, a first `podman cp`) lists a directory,
+ * then each of its subdirectories, and every `list` is a round trip during which
+ * fuse-overlayfs waits for the worker. So when load_dir lists a directory, its
+ * subdirectories are asked for ahead, a few at a time, on a second connection (the
+ * worker serves each connection in its own thread): the worker builds them while
+ * fuse-overlayfs and the kernel work through the entries at hand, and get_dir takes a
+ * reply when the walk gets there. The directories asked for last go first (walks go
+ * depth first). Only a directory that is listed has its subdirectories asked for, so a
+ * lookup of one path asks for nothing more; the look-ahead never fills more than half
+ * the cache, never starts a worker, and a failure only drops it (get_dir then asks on
+ * the ordinary connection). CRFS_LIST_AHEAD: requests in flight (0 turns it off).
+ * Everything here runs with cache_lock held. ---- */
+
+static void
+ahead_free (struct ahead_dir *a)
+{
+  free (a->path);
+  a->path = NULL;
+  a->cl = NULL;
+  a->cost = 0;
+}
+
+static size_t
+ahead_depth (void)
+{
+  if (state.ahead_depth < 0)
+    {
+      const char *v = getenv ("CRFS_LIST_AHEAD");
+      long n = (v && *v) ? strtol (v, NULL, 10) : CRFS_AHEAD_DEFAULT;
+      state.ahead_depth = n < 0 ? 0 : (n > CRFS_AHEAD_MAX ? CRFS_AHEAD_MAX : (int) n);
+    }
+  return (size_t) state.ahead_depth;
+}
+
+/* Closes the look-ahead connection; the replies in flight are lost (nothing waits for
+ * them: get_dir asks again on the ordinary connection). */
+static void
+ahead_disconnect (void)
+{
+  if (state.ahead_sock >= 0)
+    close (state.ahead_sock);
+  state.ahead_sock = -1;
+  state.ahead_bytes = 0;
+  for (; state.ahead_count > 0; state.ahead_count--)
+    {
+      ahead_free (&state.ahead[state.ahead_first]);
+      state.ahead_first = (state.ahead_first + 1) % CRFS_AHEAD_MAX;
+    }
+}
+
+/* Opens the look-ahead connection to the worker that answers the ordinary one. */
+static int
+ahead_connect (void)
+{
+  char dir[PATH_MAX], sock_path[PATH_MAX];
+  socklen_t len = sizeof (int);
+  int fd, sndbuf = 0;
+  bool up;
+
+  if (state.ahead_sock >= 0)
+    return 0;
+  pthread_mutex_lock (&state.lock);
+  up = state.sock >= 0 && ! state.stale_fds;
+  pthread_mutex_unlock (&state.lock);
+  if (! up)
+    {
+      errno = ENOTCONN;
+      return -1;
+    }
+  if (runtime_dir (dir, sizeof (dir)) < 0)
+    return -1;
+  if (snprintf (sock_path, sizeof (sock_path), "%s/worker.sock", dir) >= (int) sizeof (sock_path))
+    {
+      errno = ENAMETOOLONG;
+      return -1;
+    }
+  fd = connect_once (sock_path);
+  if (fd < 0)
+    return -1;
+  if (hello_on (fd) < 0 || getsockopt (fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) < 0)
+    {
+      int saved = errno;
+      close (fd);
+      errno = saved;
+      return -1;
+    }
+  /* Requests the worker has not read are charged to our send buffer. While it waits
+   * for us to read its replies it reads no requests, so only what fits in half the
+   * buffer may be in flight: a send must never block (that would hang us both). */
+  state.ahead_room = (size_t) sndbuf / 2;
+  state.ahead_sock = fd;
+  return 0;
+}
+
+/* Position of DIR of CL among the requests in flight (0: the next reply), or -1. */
+static long
+ahead_position (struct crfs_layer *cl, const char *dir)
+{
+  size_t i;
+
+  for (i = 0; i < state.ahead_count; i++)
+    {
+      const struct ahead_dir *a = &state.ahead[(state.ahead_first + i) % CRFS_AHEAD_MAX];
+      if (a->cl == cl && strcmp (a->path, dir) == 0)
+        return (long) i;
+    }
+  return -1;
+}
+
+/* Remembers that directory PATH may be listed soon. The stack keeps the newest
+ * CRFS_AHEAD_WANTED; older ones are forgotten. */
+static void
+ahead_want (struct crfs_layer *cl, const char *path)
+{
+  struct ahead_dir *slot = &state.wanted[state.wanted_next];
+
+  if (state.wanted_count == CRFS_AHEAD_WANTED)
+    ahead_free (slot); /* a full ring: the next slot holds the oldest */
+  else
+    state.wanted_count++;
+  slot->path = strdup (path);
+  slot->cl = slot->path ? cl : NULL; /* no memory: a slot that is skipped */
+  state.wanted_next = (state.wanted_next + 1) % CRFS_AHEAD_WANTED;
+}
+
+/* Takes the newest wanted directory off the stack into OUT. */
+static bool
+ahead_pop (struct ahead_dir *out)
+{
+  if (state.wanted_count == 0)
+    return false;
+  state.wanted_next = (state.wanted_next + CRFS_AHEAD_WANTED - 1) % CRFS_AHEAD_WANTED;
+  *out = state.wanted[state.wanted_next];
+  state.wanted[state.wanted_next].path = NULL;
+  state.wanted[state.wanted_next].cl = NULL;
+  state.wanted_count--;
+  return true;
+}
+
+/* Wants the subdirectories of D that are neither cached nor asked for. */
+static void
+ahead_want_subdirs (struct crfs_layer *cl, const struct cached_dir *d)
+{
+  size_t i;
+
+  if (ahead_depth () == 0 || d->error)
+    return;
+  /* Backwards: the first name ends on top of the stack. */
+  for (i = d->count; i-- > 0;)
+    if (S_ISDIR (d->entries[i].st[1]))
+      {
+        char path[PATH_MAX];
+        int n = snprintf (path, sizeof (path), "%s%s%s", d->path, *d->path ? "/" : "", d->entries[i].name);
+        if (n > 0 && (size_t) n < sizeof (path) && cached_dir (cl, path) == NULL && ahead_position (cl, path) < 0)
+          ahead_want (cl, path);
+      }
+}
+
+/* Asks for wanted directories until CRFS_LIST_AHEAD requests are in flight. */
+static void
+ahead_send (void)
+{
+  size_t depth = ahead_depth ();
+  struct ahead_dir a;
+
+  while (state.ahead_count < depth && ahead_pop (&a))
+    {
+      struct request q;
+      int ret;
+
+      if (a.cl == NULL || a.cl->cached_entries > CRFS_CACHE_MAX_ENTRIES / 2 || cached_dir (a.cl, a.path) != NULL
+          || ahead_position (a.cl, a.path) >= 0 || ahead_connect () < 0)
+        {
+          ahead_free (&a);
+          continue;
+        }
+      list_request (&q, a.cl, a.path);
+      a.cost = q.sb.size + CRFS_SKB_OVERHEAD;
+      if (state.ahead_bytes + a.cost > state.ahead_room)
+        {
+          req_free (&q);
+          ahead_want (a.cl, a.path); /* back on top: sent when replies have made room */
+          ahead_free (&a);
+          return;
+        }
+      ret = send_request (state.ahead_sock, &q); /* cannot block: see ahead_connect */
+      req_free (&q);
+      if (ret < 0)
+        {
+          trace ("list ahead(%llu, %s): %s", (unsigned long long) a.cl->num, a.path, strerror (errno));
+          ahead_free (&a);
+          ahead_disconnect ();
+          return;
+        }
+      trace ("list ahead(%llu, %s)", (unsigned long long) a.cl->num, a.path);
+      state.ahead[(state.ahead_first + state.ahead_count) % CRFS_AHEAD_MAX] = a;
+      state.ahead_count++;
+      state.ahead_bytes += a.cost;
+    }
+}
+
+/* Takes the reply to the oldest request in flight into the cache. -1 when the
+ * connection failed (it is dropped). */
+static int
+ahead_receive (void)
+{
+  struct ahead_dir *a = &state.ahead[state.ahead_first];
+  struct reply r;
+  struct cached_dir *d = NULL;
+  int err = 0;
+
+  reply_init (&r);
+  if (recv_reply (state.ahead_sock, &r) < 0)
+    {
+      trace ("list ahead: %s", strerror (errno));
+      reply_free (&r);
+      ahead_disconnect ();
+      return -1;
+    }
+  if (reply_status (&r) < 0)
+    err = errno;
+  /* The layer may be gone (cleanup) or the directory fetched since (a flushed cache). */
+  if (a->cl != NULL && cached_dir (a->cl, a->path) == NULL)
+    d = listing_of_reply (a->path, err, &r);
+  reply_free (&r);
+  trace ("list ahead(%llu, %s) = %s", a->cl ? (unsigned long long) a->cl->num : 0ULL, a->path, d ? "taken" : "dropped");
+  if (d != NULL)
+    insert_dir (a->cl, d);
+  state.ahead_bytes -= a->cost;
+  ahead_free (a);
+  state.ahead_first = (state.ahead_first + 1) % CRFS_AHEAD_MAX;
+  state.ahead_count--;
+  return 0;
+}
+
+/* Takes in the replies that have arrived, waiting for DIR of CL if it is in flight. */
+static void
+ahead_take (struct crfs_layer *cl, const char *dir)
+{
+  long wait = ahead_position (cl, dir) + 1; /* replies to take before DIR's is in */
+
+  while (state.ahead_count > 0)
+    {
+      if (wait > 0)
+        wait--;
+      else
+        {
+          struct pollfd p = { state.ahead_sock, POLLIN, 0 };
+          if (poll (&p, 1, 0) <= 0)
+            break;
+        }
+      if (ahead_receive () < 0)
+        break;
+    }
+}
+
+static void ahead_siblings (struct crfs_layer *cl, const char *dir);
+
+/* The listing of directory DIR (normalised), fetched if not cached yet; it may record
+ * that DIR is absent (d->error). Valid until the next fetch. Called with cache_lock held. */
+static struct cached_dir *
+get_dir (struct crfs_layer *cl, const char *dir)
+{
+  struct cached_dir *d = cached_dir (cl, dir);
+
+  if (d != NULL)
+    return d;
+  if (state.ahead_count > 0)
+    {
+      ahead_take (cl, dir);
+      d = cached_dir (cl, dir);
+    }
+  if (d == NULL)
+    d = fetch_dir (cl, dir);
+  ahead_siblings (cl, dir);
+  ahead_send (); /* sends only: D stays valid */
+  return d;
+}
+
+/* DIR was just listed because it was looked up: fuse-overlayfs loads a directory when
+ * the kernel looks it up, and the kernel looks up a directory's entries one after
+ * another when it is read (find, ls -l): its other subdirectories come next, so they go
+ * on top of the stack. */
+static void
+ahead_siblings (struct crfs_layer *cl, const char *dir)
+{
+  const char *slash = strrchr (dir, '/');
+  char parent[PATH_MAX];
+  const struct cached_dir *p;
+
+  if (*dir == '\0')
+    return;
+  memcpy (parent, dir, slash ? (size_t) (slash - dir) : 0);
+  parent[slash ? slash - dir : 0] = '\0';
+  p = cached_dir (cl, parent);
+  if (p != NULL)
+    ahead_want_subdirs (cl, p);
+}
+
+/* Forgets the look-ahead's directories of CL (being freed); replies still in flight
+ * are then dropped. */
+static void
+ahead_forget_layer (struct crfs_layer *cl)
+{
+  size_t i;
+
+  for (i = 0; i < CRFS_AHEAD_MAX; i++)
+    if (state.ahead[i].cl == cl)
+      state.ahead[i].cl = NULL;
+  for (i = 0; i < CRFS_AHEAD_WANTED; i++)
+    if (state.wanted[i].cl == cl)
+      state.wanted[i].cl = NULL;
+}
+
+/* Drops the look-ahead: its connection, requests in flight, wanted directories. */
+static void
+ahead_drop_all (void)
+{
+  struct ahead_dir a;
+
+  ahead_disconnect ();
+  while (ahead_pop (&a))
+    ahead_free (&a);
+}
+
 
 /* The cached entry for NORM (valid until the next fetch), or NULL with errno.
  * Called with cache_lock held. */
@@ -1632,6 +2021,7 @@ crfs_cleanup (struct ovl_layer *l)
   if (found)
     {
       drop_streams (cl);
+      ahead_forget_layer (cl);
       free_layer (cl);
     }
   if (state.dir_probe_layer == l)
@@ -1893,6 +2283,11 @@ listing_opendir (struct ovl_layer *l, const char *norm)
     {
       errno = d->error;
       return NULL;
+    }
+  else
+    {
+      ahead_want_subdirs (cl, d);
+      ahead_send ();
     }
   s = calloc (1, sizeof (*s));
   if (s == NULL)
@@ -2296,6 +2691,7 @@ plugin_release (void)
   pthread_mutex_lock (&state.lock);
   disconnect_locked ();
   drop_streams (NULL);
+  ahead_drop_all ();
   state.dir_probe = false;
   if (state.dead_dir >= 0)
     close (state.dead_dir);

@@ -162,7 +162,8 @@ def test_worker_lost_while_a_directory_is_first_listed(image: PrefetchImage, crf
     lookup fails, nothing is kept) so that the next access, with a worker back, succeeds.
     A new worker is kept from answering by making the runtime directory one crfs.so
     refuses (a real check of the plugin, turned on and off at will)."""
-    worker = crfs("--no-background-fetch")
+    # No look-ahead: it would list data/ at the mount, before the worker is lost.
+    worker = crfs("--no-background-fetch", CRFS_LIST_AHEAD="0")
     merged = worker.mount()  # lists the layers' roots, not data/
     old = worker.worker_pid()
     assert old is not None

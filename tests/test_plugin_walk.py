@@ -126,3 +126,43 @@ def test_copy_file_range_from_a_lower_file_copies_its_bytes(mount_overlay: Calla
         os.close(src)
         os.close(dst)
     assert (m.merged / "big-copy.bin").read_bytes() == want
+
+
+def listings(log: Path) -> tuple[list[str], list[str], list[str]]:
+    """(layer, path) of the listings crfs.so asked for on demand, asked for ahead, and
+    took from the look-ahead, as `NUM, PATH` strings."""
+    lines = log.read_text().splitlines()
+    on_demand = [line[len("list("):line.rindex(") = ")] for line in lines if line.startswith("list(")]
+    ahead = [line[len("list ahead("):-1] for line in lines if line.startswith("list ahead(") and line.endswith(")")]
+    taken = [line[len("list ahead("):-len(") = taken")] for line in lines
+             if line.startswith("list ahead(") and line.endswith(") = taken")]
+    return on_demand, ahead, taken
+
+
+@pytest.mark.parametrize("options", ["", "fast_ino=1"])
+def test_a_walk_lists_each_directory_once_mostly_ahead(mount_overlay: Callable[..., Mounted],
+                                                       plugin_env: PluginSession, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, options: str) -> None:
+    # fuse-overlayfs lists a directory when it is looked up; crfs.so asks the worker for
+    # the subdirectories of each directory listed so, ahead, on a second connection.
+    trees = {}
+    for ahead in ("0", ""):
+        log = tmp_path / f"plugin-{ahead or 'default'}.log"
+        monkeypatch.setenv("CRFS_PLUGIN_LOG", str(log))
+        monkeypatch.setenv("CRFS_LIST_AHEAD", ahead)
+        m = mount_overlay(options=options, name=f"ahead-{ahead or 'default'}")
+        trees[ahead] = {path: (st.st_mode, st.st_size, st.st_ino, st.st_nlink) for path, st in walk(m.merged).items()}
+        on_demand, asked, taken = listings(log)
+        # Never a directory listed twice: on demand or from the look-ahead, once.
+        assert len(set(on_demand)) == len(on_demand) and set(on_demand).isdisjoint(taken), (on_demand, taken)
+        assert len(set(taken)) == len(taken) and set(taken) <= set(asked)
+        if ahead == "0":
+            assert asked == [] and len(on_demand) >= 10
+            listed = set(on_demand)
+        else:
+            # The same directories, most of them listed before the walk reached them (and
+            # a few the walk never needs: a lower layer's directory that an upper one
+            # removes or makes opaque).
+            assert listed <= set(on_demand) | set(taken) and set(on_demand) <= listed
+            assert len(listed & set(taken)) > len(on_demand), (on_demand, taken)
+    assert trees["0"] == trees[""] and len(trees[""]) == len(snapshot(plugin_env.image.expected))
