@@ -6,6 +6,12 @@ session of its own, stdio on /dev/null, no other fd but the write end of a repor
 fd 3 (CRFS_WORKER_READY_FD=3). The worker writes `ready` or `error: WHY` on it; a failed
 exec writes `exec ERRNO`. So a worker that cannot start says why at once, and one that
 starts is known to answer before this returns.
+
+A worker that finds RUNTIME/worker.lock held reports `ready` too and leaves: another
+worker serves, or is about to. But the holder may be a worker that is exiting: its socket
+is closed already while it finishes its fetches and unmounts its view (seconds on a busy
+machine). Nothing would answer then until the timeout, so when the lock's holder (its pid
+is in the file) is gone and still nothing answers, the worker is started again.
 """
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ import select
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .dirs import runtime_dir
 from .errors import CrfsError
@@ -24,6 +30,7 @@ from .ipc import IpcError, WorkerClient
 
 REPORT_FD = 3
 SOCKET_NAME = "worker.sock"  # as worker.socket_path
+LOCK_NAME = "worker.lock"    # as worker.run: held by the serving worker, its pid inside
 
 
 class WorkerStartError(CrfsError):
@@ -55,19 +62,39 @@ def ensure_worker(runtime: Path | None = None, *, timeout: float = 30.0,
     env = dict(os.environ)
     env["CRFS_RUNTIME_DIR"] = str(runtime)
     argv = list(command) if command is not None else worker_command(env)
-    report = _spawn_detached(argv, env)
     deadline = time.monotonic() + timeout
-    try:
-        line = _read_report(report, deadline)
-    finally:
-        os.close(report)
-    _check_report(line, argv)
-    while not worker_answers(socket):
+    while True:
+        report = _spawn_detached(argv, env)
+        try:
+            line = _read_report(report, deadline)
+        finally:
+            os.close(report)
+        _check_report(line, argv)
+        if _answered(socket, runtime / LOCK_NAME, deadline):
+            return True
         if time.monotonic() > deadline:
             raise WorkerStartError(f"no crfs worker answered at {socket} within {timeout:g} s "
                                    f"(started {' '.join(argv)})")
+
+
+def _answered(socket: Path, lock: Path, deadline: float) -> bool:
+    """Waits until a worker answers (True), or until nothing answers and the worker that
+    held the lock when ours started is gone (False: ours left, start another)."""
+    while not worker_answers(socket):
+        if time.monotonic() > deadline or _holder_gone(lock):
+            return False
         time.sleep(0.05)
     return True
+
+
+def _holder_gone(lock: Path) -> bool:
+    """Whether the pid in the lock file is that of no live process (a holder that has not
+    written its pid yet counts as alive)."""
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        return False
+    return text.isdigit() and not os.path.exists(f"/proc/{text}")
 
 
 def _executable(argv: Sequence[str], env: dict[str, str]) -> str:

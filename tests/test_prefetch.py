@@ -396,6 +396,70 @@ def test_ensure_worker_starts_one_detached_worker(monkeypatch: pytest.MonkeyPatc
         shutil.rmtree(cache, ignore_errors=True)
 
 
+# Holds RUNTIME/worker.lock with its pid inside, as a worker does, and answers nothing on the
+# socket: what a worker is while it exits (socket closed, fetches and view still finishing),
+# held in that state until its stdin closes. A real exiting worker cannot be held so on demand.
+_EXITING_WORKER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, b"%d\n" % os.getpid())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+# The worker command, noting each start (its pid) before it runs the worker.
+_NOTED_WORKER = r"""
+import os, sys
+with open(sys.argv[1], "a") as starts:
+    starts.write(f"{os.getpid()}\n")
+from crfs_worker.worker import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _first_came_and_went(starts: Path) -> bool:
+    pids = starts.read_text().split() if starts.exists() else []
+    return bool(pids) and not Path(f"/proc/{pids[0]}").exists()
+
+
+def test_ensure_worker_starts_again_once_an_exiting_worker_is_gone(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The worker ensure_worker starts finds the lock held, says `ready` and leaves; the
+    holder answers nothing and then exits. ensure_worker must start one again, not wait
+    out its timeout (that wait was a mount's 30 s worker start under load)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crfs_worker.workerstart import ensure_worker, worker_answers
+
+    runtime = Path(tempfile.mkdtemp(prefix="crfs-rt-"))
+    starts = tmp_path / "starts"
+    monkeypatch.setenv("CRFS_CACHE_DIR", str(tmp_path / "cache"))
+    exiting = subprocess.Popen([sys.executable, "-c", _EXITING_WORKER, str(runtime / "worker.lock")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert exiting.stdout is not None and exiting.stdout.readline() == "locked\n"
+        command = [sys.executable, "-c", _NOTED_WORKER, str(starts), "--idle-timeout", "600"]
+        with ThreadPoolExecutor(1) as pool:
+            started = pool.submit(ensure_worker, runtime, timeout=DEADLINE, command=command)
+            deadline = time.monotonic() + DEADLINE
+            while not _first_came_and_went(starts):
+                assert time.monotonic() < deadline, "the first worker did not come and go"
+                time.sleep(0.05)
+            assert not started.done() and not worker_answers(runtime / "worker.sock")
+            exiting.stdin.close()  # type: ignore[union-attr]  # the exiting worker is gone now
+            exiting.wait(timeout=DEADLINE)
+            assert started.result(timeout=DEADLINE) is True
+        assert worker_answers(runtime / "worker.sock")
+        first, second = (int(pid) for pid in starts.read_text().split())
+        assert worker_pid(runtime) == second != first
+    finally:
+        exiting.kill()
+        exiting.wait()
+        stop_worker(runtime, timeout=20)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
 def test_ensure_worker_says_why_a_worker_cannot_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from crfs_worker.worker import ensure_worker
     from crfs_worker.workerstart import WorkerStartError
