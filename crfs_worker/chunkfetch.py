@@ -731,6 +731,8 @@ class ChunkFetcher:
         if chunk.digest is None:
             self._memory.put(flight_key(target, chunk), data)
             return data, False
+        # In memory before the store: a reader that finds the file there finds these too.
+        self._landed.put(chunk.digest, data)
         try:
             # `decode` has just hashed these bytes against the digest: not again.
             self.store.put(chunk.digest, data, verified=True)
@@ -740,7 +742,6 @@ class ChunkFetcher:
                 log.warning("%s (%d chunks not kept so far)", exc, self.store.not_kept)
             return data, False
         target.note_local(chunk.digest, len(data))
-        self._landed.put(chunk.digest, data)
         return data, True
 
 
