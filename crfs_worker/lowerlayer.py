@@ -244,9 +244,11 @@ class RecordBlobOpener:
                 raise NotFoundError(f"layer blob {record.location} does not exist") from exc
         if record.digest is None or record.size is None:
             raise FormatError(f"{record.location}: registry layer without digest or size")
-        return self._registry().blob(ImageReference.parse(record.location), record.digest, record.size)
+        return self.registry().blob(ImageReference.parse(record.location), record.digest, record.size)
 
-    def _registry(self) -> RegistryClient:
+    def registry(self) -> RegistryClient:
+        """The one client of the worker's registry blobs (the layer store resolves images
+        with it too: one connection pool, one transport per host)."""
         with self._lock:
             if self._client is None:
                 self._client = RegistryClient(self.options.registry_config(), self.schemes)

@@ -778,7 +778,14 @@ class TocParser:
             raise self._bad(d, f"has unknown type {str(typ)[:40]!r}")
         if type(name) is not str:
             raise self._bad(d, "has no name")
-        # normalize_name's checks, inlined for the common clean name.
+        # normalize_name's checks, inlined for the common clean name, and for the names
+        # tar writes ("./usr/bin/", "./etc/passwd"): a clean name behind "./" (and before
+        # a directory's "/") is that clean name.
+        if name[:2] == "./":
+            bare = name[2:-1] if name[-1] == "/" else name[2:]
+            if not (not bare or bare[0] in "./" or bare[-1] in "./" or "//" in bare or "/." in bare
+                    or "\x00" in bare or len(bare) > 255 or not bare.isascii()):
+                name = bare
         if (not name or name[0] in "./" or name[-1] in "./" or "//" in name or "/." in name
                 or "\x00" in name or len(name) > 255 or not name.isascii()):
             if name[:1] == "/":

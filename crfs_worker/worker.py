@@ -188,10 +188,11 @@ def _file_view(config: WorkerConfig, table: LayerTable) -> FileView:
     def registry_client() -> object:
         from .registry import RegistryClient
 
-        # The store resolves an image just before its layer is opened: the blob reads then
-        # skip probing the registry's scheme again (a TLS context and two round trips).
+        # The store resolves an image just before its layer is opened: the blob reads share
+        # its client, so they neither probe the registry's scheme again (a TLS context and
+        # two round trips) nor set up a transport of their own (another TLS context).
         opener = table.blob_opener
-        return RegistryClient(schemes=opener.schemes if isinstance(opener, RecordBlobOpener) else None)
+        return opener.registry() if isinstance(opener, RecordBlobOpener) else RegistryClient()
 
     store = open_store(table, config.runtime, registry_client)
     root = StoreRoot(store, LayerViewRoot(table, ino=VIEW_ROOT_INO))

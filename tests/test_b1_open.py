@@ -140,3 +140,26 @@ def test_a_registry_toc_is_one_request_whatever_the_read_size(logged_registry: L
             assert layer.read("d5/file-00005-39595", 0, 100) == BLOB.files["d5/file-00005-39595"]
         finally:
             layer.close()
+
+
+@pytest.mark.parametrize("raw", ["./", "./etc/", "./etc/passwd", "./usr/lib/x86_64-linux-gnu/libc.so.6",
+                                 "./.hidden", "./a/.b", "./a//b", "./a/./b/", ".//x", "./x/", "./ü/n",
+                                 "./" + "n" * 255, "./" + "n" * 256, "etc/passwd", "./x.", "./.wh..wh..opq"])
+def test_tar_style_names_parse_as_normalize_name_cleans_them(raw: str) -> None:
+    # The parser's fast path for "./NAME" must agree with normalize_name, entry by entry.
+    import json
+
+    from crfs_worker.toc import TocParser, normalize_name
+
+    typ = "dir" if raw.endswith("/") else "reg"
+    doc = {"version": 1, "entries": [{"name": raw, "type": typ, "mode": 0o755}]}
+    try:
+        expected = normalize_name(raw)
+    except ValueError:
+        expected = None
+    parser = TocParser([json.dumps(doc).encode()])
+    if expected is None or (expected == "" and typ != "dir"):
+        with pytest.raises(Exception):
+            list(parser.entries())
+        return
+    assert [e.name for e in parser.entries()] == [expected]
