@@ -70,19 +70,24 @@ def ensure_worker(runtime: Path | None = None, *, timeout: float = 30.0,
         finally:
             os.close(report)
         _check_report(line, argv)
-        if _answered(socket, runtime / LOCK_NAME, deadline):
+        # Only a worker that said `ready` may have left for another's lock (a report closed
+        # without a line is waited out as before).
+        lock = runtime / LOCK_NAME if line == "ready" else None
+        if _answered(socket, lock, deadline):
             return True
         if time.monotonic() > deadline:
             raise WorkerStartError(f"no crfs worker answered at {socket} within {timeout:g} s "
                                    f"(started {' '.join(argv)})")
 
 
-def _answered(socket: Path, lock: Path, deadline: float) -> bool:
+def _answered(socket: Path, lock: Path | None, deadline: float) -> bool:
     """Waits until a worker answers (True), or until nothing answers and the worker that
-    held the lock when ours started is gone (False: ours left, start another)."""
+    held `lock` when ours started is gone (False: ours left, start another)."""
     while not worker_answers(socket):
-        if time.monotonic() > deadline or _holder_gone(lock):
+        if time.monotonic() > deadline:
             return False
+        if lock is not None and _holder_gone(lock):
+            return worker_answers(socket)  # the holder may have been ours, answering by now
         time.sleep(0.05)
     return True
 
