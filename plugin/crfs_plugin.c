@@ -128,6 +128,8 @@ struct cached_entry
   uint64_t st[CRFS_STAT_FIELDS];
   char *xattr_names; /* NUL-terminated names back to back, or NULL */
   uint32_t xattr_len;
+  uint32_t target_len;
+  char *target; /* a symlink's target once read (not NUL-terminated), or NULL */
 };
 
 struct cached_dir
@@ -156,11 +158,13 @@ struct crfs_layer
 #define CRFS_AHEAD_WANTED 1024 /* directories remembered for the look-ahead */
 #define CRFS_SKB_OVERHEAD 1024 /* the kernel's bookkeeping per message, above its bytes */
 
-/* A directory to list ahead: asked for, or wanted. */
-struct ahead_dir
+/* What to ask for ahead (asked for, or wanted): a directory's listing, or a symlink's
+ * target. */
+struct ahead_item
 {
   struct crfs_layer *cl; /* NULL once its layer is cleaned up */
   char *path;
+  bool link;   /* readlink, not list */
   size_t cost; /* of its request in the send buffer, while unread */
 };
 
@@ -188,9 +192,9 @@ struct crfs_state
   int ahead_depth;  /* CRFS_LIST_AHEAD, -1 until read */
   size_t ahead_room;  /* bytes of requests the send buffer takes unread (ahead_connect) */
   size_t ahead_bytes; /* what the requests in flight cost of it */
-  struct ahead_dir ahead[CRFS_AHEAD_MAX];
+  struct ahead_item ahead[CRFS_AHEAD_MAX];
   size_t ahead_first, ahead_count;
-  struct ahead_dir wanted[CRFS_AHEAD_WANTED];
+  struct ahead_item wanted[CRFS_AHEAD_WANTED];
   size_t wanted_next, wanted_count;
   FILE *log;
   bool log_checked;
@@ -1208,8 +1212,10 @@ free_entry (struct cached_entry *e)
 {
   free (e->name);
   free (e->xattr_names);
+  free (e->target);
   e->name = NULL;
   e->xattr_names = NULL;
+  e->target = NULL;
 }
 
 static void
@@ -1520,6 +1526,54 @@ cached_dir (struct crfs_layer *cl, const char *dir)
   return NULL;
 }
 
+/* The cached entry of symlink PATH if its directory's listing is cached, else NULL. */
+static struct cached_entry *
+cached_link (struct crfs_layer *cl, const char *path)
+{
+  const char *slash = strrchr (path, '/');
+  char dir[PATH_MAX];
+  struct cached_entry key;
+  struct cached_entry *e;
+  const struct cached_dir *d;
+
+  memcpy (dir, path, slash ? (size_t) (slash - path) : 0);
+  dir[slash ? slash - path : 0] = '\0';
+  d = cached_dir (cl, dir);
+  if (d == NULL || d->error)
+    return NULL;
+  key.name = (char *) (slash ? slash + 1 : path);
+  e = bsearch (&key, d->entries, d->count, sizeof (*d->entries), entry_cmp);
+  return e != NULL && S_ISLNK (e->st[1]) ? e : NULL;
+}
+
+/* Keeps the target from a `readlink` reply in E. */
+static int
+keep_target (struct cached_entry *e, const struct reply *r)
+{
+  const char *target = NULL;
+  uint32_t len = 0;
+
+  if (! reply_bytes (r, "target", &target, &len) || len == 0 || len >= PATH_MAX)
+    {
+      errno = EPROTO;
+      return -1;
+    }
+  e->target = malloc (len);
+  if (e->target == NULL)
+    return -1;
+  memcpy (e->target, target, len);
+  e->target_len = len;
+  return 0;
+}
+
+static void
+link_request (struct request *q, struct crfs_layer *cl, const char *path)
+{
+  req_begin (q, "readlink", 2);
+  req_uint (q, "layer", cl->num);
+  req_bin (q, "path", path);
+}
+
 /* ---- Listing ahead. A walk (find, du, ls -R, a first `podman cp`) lists a directory,
  * then each of its subdirectories, and every `list` is a round trip during which
  * fuse-overlayfs waits for the worker. So when load_dir lists a directory, its
@@ -1534,11 +1588,12 @@ cached_dir (struct crfs_layer *cl, const char *dir)
  * Everything here runs with cache_lock held. ---- */
 
 static void
-ahead_free (struct ahead_dir *a)
+ahead_free (struct ahead_item *a)
 {
   free (a->path);
   a->path = NULL;
   a->cl = NULL;
+  a->link = false;
   a->cost = 0;
 }
 
@@ -1622,19 +1677,19 @@ ahead_position (struct crfs_layer *cl, const char *dir)
 
   for (i = 0; i < state.ahead_count; i++)
     {
-      const struct ahead_dir *a = &state.ahead[(state.ahead_first + i) % CRFS_AHEAD_MAX];
+      const struct ahead_item *a = &state.ahead[(state.ahead_first + i) % CRFS_AHEAD_MAX];
       if (a->cl == cl && strcmp (a->path, dir) == 0)
         return (long) i;
     }
   return -1;
 }
 
-/* Remembers that directory PATH may be listed soon. The stack keeps the newest
+/* Remembers that directory PATH may be listed soon (symlink PATH read, if LINK). The stack keeps the newest
  * CRFS_AHEAD_WANTED; older ones are forgotten. */
 static void
-ahead_want (struct crfs_layer *cl, const char *path)
+ahead_want (struct crfs_layer *cl, const char *path, bool link)
 {
-  struct ahead_dir *slot = &state.wanted[state.wanted_next];
+  struct ahead_item *slot = &state.wanted[state.wanted_next];
 
   if (state.wanted_count == CRFS_AHEAD_WANTED)
     ahead_free (slot); /* a full ring: the next slot holds the oldest */
@@ -1642,12 +1697,13 @@ ahead_want (struct crfs_layer *cl, const char *path)
     state.wanted_count++;
   slot->path = strdup (path);
   slot->cl = slot->path ? cl : NULL; /* no memory: a slot that is skipped */
+  slot->link = link;
   state.wanted_next = (state.wanted_next + 1) % CRFS_AHEAD_WANTED;
 }
 
 /* Takes the newest wanted directory off the stack into OUT. */
 static bool
-ahead_pop (struct ahead_dir *out)
+ahead_pop (struct ahead_item *out)
 {
   if (state.wanted_count == 0)
     return false;
@@ -1674,7 +1730,7 @@ ahead_want_subdirs (struct crfs_layer *cl, const struct cached_dir *d)
         char path[PATH_MAX];
         int n = snprintf (path, sizeof (path), "%s%s%s", d->path, *d->path ? "/" : "", d->entries[i].name);
         if (n > 0 && (size_t) n < sizeof (path) && cached_dir (cl, path) == NULL && ahead_position (cl, path) < 0)
-          ahead_want (cl, path);
+          ahead_want (cl, path, false);
       }
 }
 
@@ -1683,25 +1739,31 @@ static void
 ahead_send (void)
 {
   size_t depth = ahead_depth ();
-  struct ahead_dir a;
+  struct ahead_item a;
 
   while (state.ahead_count < depth && ahead_pop (&a))
     {
+      const struct cached_entry *e = a.link && a.cl ? cached_link (a.cl, a.path) : NULL;
+      const char *what = a.link ? "readlink" : "list";
       struct request q;
       int ret;
 
-      if (a.cl == NULL || a.cl->cached_entries > CRFS_CACHE_MAX_ENTRIES / 2 || cached_dir (a.cl, a.path) != NULL
+      if (a.cl == NULL || a.cl->cached_entries > CRFS_CACHE_MAX_ENTRIES / 2
+          || (a.link ? e == NULL || e->target != NULL : cached_dir (a.cl, a.path) != NULL)
           || ahead_position (a.cl, a.path) >= 0 || ahead_connect () < 0)
         {
           ahead_free (&a);
           continue;
         }
-      list_request (&q, a.cl, a.path);
+      if (a.link)
+        link_request (&q, a.cl, a.path);
+      else
+        list_request (&q, a.cl, a.path);
       a.cost = q.sb.size + CRFS_SKB_OVERHEAD;
       if (state.ahead_bytes + a.cost > state.ahead_room)
         {
           req_free (&q);
-          ahead_want (a.cl, a.path); /* back on top: sent when replies have made room */
+          ahead_want (a.cl, a.path, a.link); /* back on top: sent when replies have made room */
           ahead_free (&a);
           return;
         }
@@ -1709,12 +1771,12 @@ ahead_send (void)
       req_free (&q);
       if (ret < 0)
         {
-          trace ("list ahead(%llu, %s): %s", (unsigned long long) a.cl->num, a.path, strerror (errno));
+          trace ("%s ahead(%llu, %s): %s", what, (unsigned long long) a.cl->num, a.path, strerror (errno));
           ahead_free (&a);
           ahead_disconnect ();
           return;
         }
-      trace ("list ahead(%llu, %s)", (unsigned long long) a.cl->num, a.path);
+      trace ("%s ahead(%llu, %s)", what, (unsigned long long) a.cl->num, a.path);
       state.ahead[(state.ahead_first + state.ahead_count) % CRFS_AHEAD_MAX] = a;
       state.ahead_count++;
       state.ahead_bytes += a.cost;
@@ -1726,26 +1788,37 @@ ahead_send (void)
 static int
 ahead_receive (void)
 {
-  struct ahead_dir *a = &state.ahead[state.ahead_first];
+  struct ahead_item *a = &state.ahead[state.ahead_first];
   struct reply r;
   struct cached_dir *d = NULL;
+  bool taken = false;
   int err = 0;
 
   reply_init (&r);
   if (recv_reply (state.ahead_sock, &r) < 0)
     {
-      trace ("list ahead: %s", strerror (errno));
+      trace ("ahead: %s", strerror (errno));
       reply_free (&r);
       ahead_disconnect ();
       return -1;
     }
   if (reply_status (&r) < 0)
     err = errno;
-  /* The layer may be gone (cleanup) or the directory fetched since (a flushed cache). */
-  if (a->cl != NULL && cached_dir (a->cl, a->path) == NULL)
-    d = listing_of_reply (a->path, err, &r);
+  /* The layer may be gone (cleanup), the directory fetched since or its parent's
+   * listing flushed. */
+  if (a->cl != NULL && a->link)
+    {
+      struct cached_entry *e = cached_link (a->cl, a->path);
+      taken = err == 0 && e != NULL && e->target == NULL && keep_target (e, &r) == 0;
+    }
+  else if (a->cl != NULL && cached_dir (a->cl, a->path) == NULL)
+    {
+      d = listing_of_reply (a->path, err, &r);
+      taken = d != NULL;
+    }
   reply_free (&r);
-  trace ("list ahead(%llu, %s) = %s", a->cl ? (unsigned long long) a->cl->num : 0ULL, a->path, d ? "taken" : "dropped");
+  trace ("%s ahead(%llu, %s) = %s", a->link ? "readlink" : "list", a->cl ? (unsigned long long) a->cl->num : 0ULL,
+         a->path, taken ? "taken" : "dropped");
   if (d != NULL)
     insert_dir (a->cl, d);
   state.ahead_bytes -= a->cost;
@@ -1819,6 +1892,33 @@ ahead_siblings (struct crfs_layer *cl, const char *dir)
     ahead_want_subdirs (cl, p);
 }
 
+/* Symlink PATH was just read on demand: the other symlinks of its directory that are
+ * not read yet go on top of the stack. */
+static void
+ahead_links (struct crfs_layer *cl, const char *path)
+{
+  const char *slash = strrchr (path, '/');
+  char dir[PATH_MAX];
+  const struct cached_dir *d;
+  size_t i;
+
+  if (ahead_depth () == 0)
+    return;
+  memcpy (dir, path, slash ? (size_t) (slash - path) : 0);
+  dir[slash ? slash - path : 0] = '\0';
+  d = cached_dir (cl, dir);
+  if (d == NULL || d->error)
+    return;
+  for (i = d->count; i-- > 0;)
+    if (S_ISLNK (d->entries[i].st[1]) && d->entries[i].target == NULL)
+      {
+        char link[PATH_MAX];
+        int n = snprintf (link, sizeof (link), "%s%s%s", dir, *dir ? "/" : "", d->entries[i].name);
+        if (n > 0 && (size_t) n < sizeof (link) && ahead_position (cl, link) < 0)
+          ahead_want (cl, link, true);
+      }
+}
+
 /* Forgets the look-ahead's directories of CL (being freed); replies still in flight
  * are then dropped. */
 static void
@@ -1838,7 +1938,7 @@ ahead_forget_layer (struct crfs_layer *cl)
 static void
 ahead_drop_all (void)
 {
-  struct ahead_dir a;
+  struct ahead_item a;
 
   ahead_disconnect ();
   while (ahead_pop (&a))
@@ -2597,41 +2697,78 @@ crfs_getxattr (struct ovl_layer *l, const char *path, const char *name, char *bu
   return ret;
 }
 
-static ssize_t
-crfs_readlinkat (struct ovl_layer *l, const char *path, char *buf, size_t bufsiz)
+/* The cached entry of symlink NORM, its directory fetched if need be; NULL with errno
+ * (EINVAL: not a symlink). cache_lock held. */
+static struct cached_entry *
+link_entry (struct crfs_layer *cl, const char *norm)
+{
+  struct cached_entry *e;
+
+  if (find_entry (cl, norm) == NULL)
+    return NULL;
+  e = cached_link (cl, norm);
+  if (e == NULL)
+    errno = EINVAL;
+  return e;
+}
+
+/* Reads symlink NORM's target from the worker into E. cache_lock held. */
+static int
+fetch_target (struct crfs_layer *cl, const char *norm, struct cached_entry *e)
 {
   struct request q;
   struct reply r;
-  char norm[PATH_MAX];
-  const char *target = NULL;
-  uint32_t len = 0;
-  int ret = 0;
+  int ret;
 
-  forget_dir_probe ();
-  WITH_ENTRY (l, path, e, {
-    if (! S_ISLNK (e->st[1]))
-      {
-        errno = EINVAL;
-        ret = -1;
-      }
-  });
-  if (ret < 0 || normalize_path (path, norm, sizeof (norm)) < 0)
-    return -1;
-  req_path (&q, "readlink", l, norm, 0);
+  link_request (&q, cl, norm);
   reply_init (&r);
   ret = call (&q, &r);
-  if (ret == 0 && ! reply_bytes (&r, "target", &target, &len))
-    {
-      errno = EPROTO;
-      ret = -1;
-    }
-  if (ret == 0 && len > bufsiz)
-    len = (uint32_t) bufsiz; /* readlink truncates silently; the caller retries bigger */
   if (ret == 0)
-    memcpy (buf, target, len);
-  trace ("readlinkat(%s) = %d", path, ret < 0 ? -1 : (int) len);
+    ret = keep_target (e, &r);
   reply_free (&r);
-  return ret < 0 ? -1 : (ssize_t) len;
+  trace ("readlink(%llu, %s) = %d", (unsigned long long) cl->num, norm, ret);
+  return ret;
+}
+
+/* Targets are kept with the listing: a symlink is read from the worker once. */
+static ssize_t
+crfs_readlinkat (struct ovl_layer *l, const char *path, char *buf, size_t bufsiz)
+{
+  struct crfs_layer *cl = layer_of (l);
+  struct cached_entry *e;
+  char norm[PATH_MAX];
+  ssize_t ret = -1;
+  int saved;
+
+  forget_dir_probe ();
+  if (normalize_path (path, norm, sizeof (norm)) < 0)
+    return -1;
+  pthread_mutex_lock (&state.cache_lock);
+  e = link_entry (cl, norm);
+  if (e != NULL && e->target == NULL && ahead_position (cl, norm) >= 0)
+    {
+      ahead_take (cl, norm);
+      e = link_entry (cl, norm); /* taking replies can flush the cache */
+    }
+  if (e != NULL && e->target == NULL)
+    {
+      if (fetch_target (cl, norm, e) < 0)
+        e = NULL;
+      else
+        ahead_links (cl, norm);
+    }
+  if (e != NULL)
+    {
+      /* readlink truncates silently; the caller retries with a bigger buffer */
+      ret = (ssize_t) (e->target_len < bufsiz ? e->target_len : bufsiz);
+      memcpy (buf, e->target, (size_t) ret);
+    }
+  saved = errno;
+  ahead_send ();
+  pthread_mutex_unlock (&state.cache_lock);
+  trace ("readlinkat(%s) = %d", path, (int) ret);
+  errno = saved;
+  return ret;
 }
 
 static bool

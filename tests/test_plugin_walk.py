@@ -16,7 +16,9 @@ from typing import Callable
 
 import pytest
 
-from crfs_worker.layerkeys import INO_BITS
+from crfs_worker.estargz_writer import EstargzOptions, convert_file
+from crfs_worker.layerkeys import INO_BITS, KeyStore, LayerRecord
+from tests.support.images import ExpectedEntry, write_layer_tar
 from tests.support.plugin_env import PluginSession
 from tests.test_overlay_mount import (FUSE_OVERLAYFS, Mounted, hardlink_groups, layer_stats,  # noqa: F401
                                       mount_overlay, snapshot)
@@ -166,3 +168,51 @@ def test_a_walk_lists_each_directory_once_mostly_ahead(mount_overlay: Callable[.
             assert listed <= set(on_demand) | set(taken) and set(on_demand) <= listed
             assert len(listed & set(taken)) > len(on_demand), (on_demand, taken)
     assert trees["0"] == trees[""] and len(trees[""]) == len(snapshot(plugin_env.image.expected))
+
+
+def traced_requests(log: Path, op: str) -> tuple[list[str], list[str]]:
+    """`NUM, PATH` of the OP requests crfs.so made on demand, and those it took ahead."""
+    lines = log.read_text().splitlines()
+    on_demand = [line[len(op) + 1:line.rindex(") = ")] for line in lines if line.startswith(f"{op}(")]
+    taken = [line[len(op) + len(" ahead("):-len(") = taken")] for line in lines
+             if line.startswith(f"{op} ahead(") and line.endswith(") = taken")]
+    return on_demand, taken
+
+
+LINKS = {f"links/l{i}": "../" * i + f"target-{i}" for i in range(6)} | \
+    {f"links/sub/s{i}": "/abs/" + "x" * (100 * i) for i in range(1, 4)} | {"alone/one": "one-target"}
+
+
+def symlink_layer(plugin_env: PluginSession, workdir: Path) -> str:
+    """A one-layer image with directories of several symlinks each; returns its key."""
+    entries = [(d, ExpectedEntry(d, "dir", 0o755)) for d in ("links", "links/sub", "alone")]
+    entries += [(path, ExpectedEntry(path, "symlink", 0o777, link=target)) for path, target in LINKS.items()]
+    tar, blob = workdir / "links.tar", workdir / "links.esgz"
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_layer_tar(tar, entries)
+    result = convert_file(tar, blob, EstargzOptions(workers=1))
+    record = LayerRecord("file", str(blob), toc_digest=result.toc_digest)
+    return KeyStore(plugin_env.runtime).register(f"links:{blob}", [record])
+
+
+def test_symlinks_are_read_from_the_worker_once_most_of_them_ahead(mount_overlay: Callable[..., Mounted],
+                                                                   plugin_env: PluginSession, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Who reads one symlink of a directory (stat, ls -l, a loader) reads the others next:
+    # crfs.so asks for their targets ahead, and keeps every target it has read.
+    key = symlink_layer(plugin_env, tmp_path / "image")
+    for ahead in ("0", ""):
+        log = tmp_path / f"plugin-{ahead or 'default'}.log"
+        monkeypatch.setenv("CRFS_PLUGIN_LOG", str(log))
+        monkeypatch.setenv("CRFS_LIST_AHEAD", ahead)
+        m = mount_overlay(lowerdir=f"//crfs/{key}//", name=f"links-{ahead or 'default'}")
+        for _ in range(2):
+            assert {path: os.readlink(m.merged / path) for path in LINKS} == LINKS
+        on_demand, taken = traced_requests(log, "readlink")
+        paths = [entry.split(", ", 1)[1] for entry in on_demand + taken]
+        assert sorted(paths) == sorted(LINKS)  # each read once, on demand or ahead
+        if ahead == "0":
+            assert taken == []
+        else:  # the first of each directory on demand, the others ahead
+            dirs = [entry.split(", ", 1)[1].rsplit("/", 1)[0] for entry in on_demand]
+            assert sorted(dirs) == ["alone", "links", "links/sub"], on_demand
