@@ -198,13 +198,17 @@ _REFILL = 256 * 1024  # and then with at least this much
 class _BlobRange:
     """File-like reader of `[start, end)` of a blob, in pieces, hashing what it reads.
 
-    A blob that streams ranges (a registry blob: `stream_range`) is read as ONE streamed
-    range, handed on piece by piece as it arrives: the TOC is decompressed and parsed
-    while the rest of it is still on the wire. Other blobs (local files) are read in
-    `piece`-sized ranges. Reads may be short; b"" is the end."""
+    From a blob that streams ranges (a registry blob: `stream_range`), a range of at least
+    STREAM_MIN bytes is read as ONE streamed range, handed on piece by piece as it
+    arrives: the TOC is decompressed and parsed while the rest of it is still on the wire.
+    Other ranges and blobs (local files) are read in `piece`-sized ranges. Reads may be
+    short; b"" is the end."""
+
+    STREAM_MIN = 64 << 10  # less is on the wire for a few ms: nothing to overlap
 
     def __init__(self, blob: BlobReader, start: int, end: int, piece: int, hasher: Any) -> None:
         self.blob, self.pos, self.end, self.piece, self.hasher = blob, start, end, piece, hasher
+        self._streams = hasattr(blob, "stream_range") and end - start >= self.STREAM_MIN
         self._stream: Iterator[bytes] | None = None
         self._held = b""  # the part of a streamed piece not read yet
 
@@ -214,7 +218,7 @@ class _BlobRange:
         if n < 0 or n > self.piece:
             n = self.piece
         n = min(n, self.end - self.pos)
-        data = self._streamed(n) if hasattr(self.blob, "stream_range") else self.blob.read_range(self.pos, n)
+        data = self._streamed(n) if self._streams else self.blob.read_range(self.pos, n)
         if not data:
             raise FormatError(f"{self.blob.name}: TOC range ended at {self.pos}, before {self.end}")
         self.pos += len(data)

@@ -1,6 +1,6 @@
 """B1 cold start: opening a layer without waiting where it need not.
 
-- A registry layer's TOC is ONE streamed ranged GET, decompressed and parsed as it arrives
+- A registry layer's TOC (64 KiB or more) is ONE streamed ranged GET, parsed as it arrives
   (toc._BlobRange over `stream_range`), not a series of `read_size` ranges read whole
   before the parse starts. Counted from a real docker-registry's access log, and by a
   blob that holds its last piece back until the parse has produced something.
