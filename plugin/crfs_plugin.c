@@ -8,9 +8,13 @@
  * The crfs worker answers over a Unix stream socket: frames are a 4-byte big-endian length
  * and a msgpack map (libmsgpack-c); file descriptors come back with SCM_RIGHTS. The
  * protocol is described in crfs_worker/ipc.py. Each layer's l->fd is a directory fd on
- * the worker's read-only FUSE view of that layer. Two shortcuts keep round trips rare:
- * - metadata (statat, file_exists, xattr names) comes from whole-directory listings,
- *   fetched once per directory and layer and kept (layers never change);
+ * the worker's read-only FUSE view of that layer. Three shortcuts keep round trips rare:
+ * - metadata (statat, file_exists, xattr names, symlink targets) comes from
+ *   whole-directory listings, fetched once per directory and layer and kept (layers
+ *   never change);
+ * - listings of subdirectories, and the targets of a directory's other symlinks, are
+ *   asked for ahead on a second connection, so that a walk rarely waits for them (see
+ *   "Listing ahead");
  * - opens that fetch nothing (O_NONBLOCK lookups, O_DIRECTORY, O_PATH, opendir) are
  *   done here with openat2 on l->fd, refusing symlinks and anything outside the layer.
  *   Opens for reading data go to the worker, which may hand out a verified file from
@@ -30,6 +34,7 @@
  *                      not read here: a worker this plugin starts inherits the whole
  *                      environment and honours them (background fetch on/off, the retry
  *                      bound of registry requests, where the chunk store lives).
+ *   CRFS_LIST_AHEAD    look-ahead requests in flight (default 32; 0 turns it off).
  *   CRFS_PLUGIN_LOG    if set, a file that gets one line per call (for tracing).
  *
  * Errors follow libc conventions: -1 (or NULL) with errno. A lost worker is reconnected
@@ -1584,8 +1589,9 @@ link_request (struct request *q, struct crfs_layer *cl, const char *path)
  * depth first). Only a directory that is listed has its subdirectories asked for, so a
  * lookup of one path asks for nothing more; the look-ahead never fills more than half
  * the cache, never starts a worker, and a failure only drops it (get_dir then asks on
- * the ordinary connection). CRFS_LIST_AHEAD: requests in flight (0 turns it off).
- * Everything here runs with cache_lock held. ---- */
+ * the ordinary connection). When one symlink is read on demand, the directory's other
+ * symlinks are read ahead the same way. CRFS_LIST_AHEAD: requests in flight (0 turns
+ * it off). Everything here runs with cache_lock held. ---- */
 
 static void
 ahead_free (struct ahead_item *a)
