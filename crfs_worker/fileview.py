@@ -61,18 +61,38 @@ class ViewSource(Protocol):
 # fuse-overlayfs reads a lower file in requests of at most this many bytes (its mount's
 # max_read), which the kernel may pass on to us in smaller pieces.
 SPLICE_REQUEST = 128 << 10
+FUSE_OVERLAYFS = b"fuse-overlayfs"  # in its command or program name
 
 
 def reads_by_splice(pid: int) -> bool:
     """Whether the process opening a file is fuse-overlayfs. It answers a read that failed
     after some bytes with a SHORT reply, which the kernel takes for the end of the file:
     the rest of the container's read becomes zeros. (The kernel's overlayfs passes the
-    short read on as it is; crfs.so hands fuse-overlayfs O_DIRECT fds.)"""
+    short read on as it is; crfs.so hands fuse-overlayfs O_DIRECT fds.)
+
+    By its command name, or by its program's name when the name the kernel keeps is
+    another: a build run through the dynamic loader (comm "ld-linux-x86-64") or a
+    wrapper's renamed copy. A false positive only costs that reader direct reads."""
     try:
         with open(f"/proc/{pid}/comm", "rb") as comm:
-            return comm.read().strip() == b"fuse-overlayfs"
+            if FUSE_OVERLAYFS in comm.read():
+                return True
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            argv = cmdline.read(4096).split(b"\0")
     except OSError:
         return False
+    return any(FUSE_OVERLAYFS in os.path.basename(arg) for arg in _program_args(argv))
+
+
+def _program_args(argv: list[bytes]) -> list[bytes]:
+    """argv[0], and for the dynamic loader (`ld-linux-x86-64.so.2 [--option VALUE]...
+    PROGRAM ...`) the program it runs."""
+    if not argv or not os.path.basename(argv[0]).startswith((b"ld-linux", b"ld.so")):
+        return argv[:1]
+    rest = argv[1:]
+    while rest and rest[0].startswith(b"--"):
+        rest = rest[2:] if rest[0] in (b"--library-path", b"--argv0", b"--preload", b"--audit") else rest[1:]
+    return argv[:1] + rest[:1]
 
 
 @dataclass

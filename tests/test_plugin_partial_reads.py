@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from tests.test_prefetch import BIG, CHUNK, DEADLINE, FUSE_OVERLAYFS, Crfs, PrefetchImage, crfs, image  # noqa: F401
+from tests.test_prefetch import BIG, CHUNK, DEADLINE, EACH_FUSE_OVERLAYFS, FUSE_OVERLAYFS, Crfs, PrefetchImage, crfs, image  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not Path(FUSE_OVERLAYFS).exists(), reason="fuse-overlayfs is not installed")
 
@@ -127,13 +127,14 @@ def _plain_overlay_over_view(worker: Crfs, base: Path) -> Path:
     for d in (upper, work, merged):
         d.mkdir(parents=True)
     opts = f"lowerdir={view / num},upperdir={upper},workdir={work}"
-    done = subprocess.run([FUSE_OVERLAYFS, "-o", opts, str(merged)], capture_output=True, text=True,
+    done = subprocess.run([str(worker.program), "-o", opts, str(merged)], capture_output=True, text=True,
                           timeout=DEADLINE)
     assert done.returncode == 0, done.stderr
     worker.mounted.append(merged)
     return merged
 
 
+@EACH_FUSE_OVERLAYFS
 def test_plain_fuse_overlayfs_over_the_tree_gets_an_error_not_zeros(
         image: PrefetchImage, crfs: Callable[..., Crfs], tmp_path: Path) -> None:
     """The store path with plain fuse-overlayfs (no crfs.so): it opens a tree file whose
