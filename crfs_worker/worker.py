@@ -1,7 +1,8 @@
 """The crfs worker process: one per user, serving crfs.so and the CLI over a Unix socket.
 
     RUNTIME/worker.sock   the socket (RUNTIME is dirs.runtime_dir(), 0700)
-    RUNTIME/worker.lock   held while a worker runs: a second one exits quietly
+    RUNTIME/worker.lock   held while a worker runs: a second one exits quietly once the
+                          first answers, and takes over from one that is exiting
     RUNTIME/worker.log    what went wrong (the worker has no terminal)
     RUNTIME/view/         the pyfuse3 view fds come from (without a layer store)
     RUNTIME/keys, layers  the KEY registry (layerkeys.py)
@@ -46,11 +47,15 @@ from .layerkeys import KeyStore
 from .layerstore import VIEW_NAME, StoreRoot, configured_store_dir, open_store
 from .lowerlayer import LayerTable, LowerLayerService, RecordBlobOpener
 from .usernamespace import PodmanNamespace, enter_podman_namespace, wants_podman_namespace
+from .workerstart import worker_answers
 from .prefetch import FetchOptions, progress_label
 
 log = logging.getLogger("crfs_worker")
 
 SOCKET_NAME = "worker.sock"
+# How long a worker waits for the lock of one that answers nothing: an exiting worker has
+# closed its socket and still joins its fetches and unmounts its view (10 s each at most).
+LOCK_WAIT = 60.0
 NAMESPACE_CHECK_TICKS = 5  # seconds between checks that podman still uses the namespaces we joined
 
 
@@ -92,6 +97,30 @@ class _Lock:
 
     def release(self) -> None:
         os.close(self.fd)
+
+
+def _take_lock(runtime: Path) -> _Lock | None:
+    """The worker lock, or None when the worker holding it answers. A holder that answers
+    nothing is starting (it answers soon) or exiting (its socket is closed while it
+    finishes): wait for either, so that whoever started us is never told `ready` with
+    nothing about to answer."""
+    path, socket = runtime / "worker.lock", socket_path(runtime)
+    deadline = time.monotonic() + LOCK_WAIT
+    while (lock := _Lock.try_acquire(path)) is None:
+        if worker_answers(socket):
+            return None
+        if time.monotonic() > deadline:
+            raise CrfsError(f"another crfs worker holds {path} (pid {_lock_holder(path)}) and has not "
+                            f"answered at {socket} for {LOCK_WAIT:g} s")
+        time.sleep(0.05)
+    return lock
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _setup_logging(runtime: Path) -> None:
@@ -141,7 +170,11 @@ def run(config: WorkerConfig, ready: ReadyReport | None = None) -> int:
     except CrfsError as exc:
         ready.send(f"error: {exc}")
         return 1
-    lock = _Lock.try_acquire(config.runtime / "worker.lock")
+    try:
+        lock = _take_lock(config.runtime)
+    except CrfsError as exc:
+        ready.send(f"error: {exc}")
+        return 1
     if lock is None:
         ready.send("ready")  # another worker serves
         return 0

@@ -7,11 +7,8 @@ fd 3 (CRFS_WORKER_READY_FD=3). The worker writes `ready` or `error: WHY` on it; 
 exec writes `exec ERRNO`. So a worker that cannot start says why at once, and one that
 starts is known to answer before this returns.
 
-A worker that finds RUNTIME/worker.lock held reports `ready` too and leaves: another
-worker serves, or is about to. But the holder may be a worker that is exiting: its socket
-is closed already while it finishes its fetches and unmounts its view (seconds on a busy
-machine). Nothing would answer then until the timeout, so when the lock's holder (its pid
-is in the file) is gone and still nothing answers, the worker is started again.
+A worker that finds RUNTIME/worker.lock held reports `ready` only once the holder answers
+(it waits out one that is exiting, then serves itself: worker._take_lock).
 """
 from __future__ import annotations
 
@@ -30,7 +27,6 @@ from .ipc import IpcError, WorkerClient
 
 REPORT_FD = 3
 SOCKET_NAME = "worker.sock"  # as worker.socket_path
-LOCK_NAME = "worker.lock"    # as worker.run: held by the serving worker, its pid inside
 
 
 class WorkerStartError(CrfsError):
@@ -63,43 +59,18 @@ def ensure_worker(runtime: Path | None = None, *, timeout: float = 30.0,
     env["CRFS_RUNTIME_DIR"] = str(runtime)
     argv = list(command) if command is not None else worker_command(env)
     deadline = time.monotonic() + timeout
-    while True:
-        report = _spawn_detached(argv, env)
-        try:
-            line = _read_report(report, deadline)
-        finally:
-            os.close(report)
-        _check_report(line, argv)
-        # Only a worker that said `ready` may have left for another's lock (a report closed
-        # without a line is waited out as before).
-        lock = runtime / LOCK_NAME if line == "ready" else None
-        if _answered(socket, lock, deadline):
-            return True
+    report = _spawn_detached(argv, env)
+    try:
+        line = _read_report(report, deadline)
+    finally:
+        os.close(report)
+    _check_report(line, argv)
+    while not worker_answers(socket):
         if time.monotonic() > deadline:
             raise WorkerStartError(f"no crfs worker answered at {socket} within {timeout:g} s "
                                    f"(started {' '.join(argv)})")
-
-
-def _answered(socket: Path, lock: Path | None, deadline: float) -> bool:
-    """Waits until a worker answers (True), or until nothing answers and the worker that
-    held `lock` when ours started is gone (False: ours left, start another)."""
-    while not worker_answers(socket):
-        if time.monotonic() > deadline:
-            return False
-        if lock is not None and _holder_gone(lock):
-            return worker_answers(socket)  # the holder may have been ours, answering by now
         time.sleep(0.05)
     return True
-
-
-def _holder_gone(lock: Path) -> bool:
-    """Whether the pid in the lock file is that of no live process (a holder that has not
-    written its pid yet counts as alive)."""
-    try:
-        text = lock.read_text().strip()
-    except OSError:
-        return False
-    return text.isdigit() and not os.path.exists(f"/proc/{text}")
 
 
 def _executable(argv: Sequence[str], env: dict[str, str]) -> str:
