@@ -49,7 +49,6 @@ from .fusetree import ATTR_TIMEOUT, BaseNode, BytesFile, FileHandle, Node, NodeA
 from .image import host_platform, layer_descriptors
 from .imagestore import MAX_CONFIG_SIZE, open_location
 from .jsondoc import json_object, parse_json
-from .index import ROOT_INO
 from .layer import EntryStat
 from .layerkeys import KeyStore, LayerRecord, compose_ino, key_for
 from .reference import ImageReference, is_valid_digest
@@ -70,9 +69,6 @@ FIRST_META_INO = 16             # store directories and files; far below any lay
 GZIP, ZSTD = 2, 4               # containers/storage's archive.Compression values
 MAX_REF_NAME = 1024
 REFRESH_AFTER = 5.0             # seconds before a digest miss fetches the manifest again
-# How long the kernel keeps the stand-in attributes of a `diff` root whose layer is still
-# opening: long enough for podman's stat of diff, info and blob, then it asks again.
-OPENING_ROOT_TIMEOUT = 1.0
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -368,7 +364,6 @@ class LayerSource(Protocol):
     def get(self, num: int) -> Any: ...
     def mount(self, num: int) -> Any: ...
     def mount_soon(self, num: int) -> None: ...
-    def is_open(self, num: int) -> bool: ...
     def stat(self, num: int, path: str) -> EntryStat: ...
     def exists(self, num: int, path: str) -> bool: ...
     def readdir(self, num: int, path: str) -> list[tuple[str, EntryStat]]: ...
@@ -424,16 +419,16 @@ class LayerStore:
         """Starts opening the seekable layers of an image whose manifest just came in: the
         TOCs come in beside the config fetch, all layers at once."""
         for layer in layers:
-            self.open_layer(layer)
+            self.open_layer(layer, wait=False)
 
-    def open_layer(self, layer: StoreLayer) -> int:
-        """Registers the layer under its KEY and starts opening it (fetching and checking
-        its TOC) beside the caller; returns its number in the worker's layer table.
+    def open_layer(self, layer: StoreLayer, wait: bool = True) -> int:
+        """Registers the layer under its KEY and opens it (fetching and checking its TOC),
+        or with `wait` False starts opening it beside the caller; returns its number in the
+        worker's layer table.
 
-        podman only stats `diff`, `info` and `blob` while it pulls: it goes on to fetch
-        the config and set up the container while the TOC comes in. Whatever needs the
-        layer's entries (the diff tree's nodes, the blob, crfs.so's mount) waits for the
-        open there, and gets its error if it fails."""
+        podman's stat of `diff`, `info` and `blob` waits for the open: a layer that cannot
+        be opened or verified must fail that stat, so that podman pulls it instead
+        (containers/storage takes any stat error for "not in this store")."""
         with self._lock:
             num = self._opened.get((layer.repository, layer.blob_digest))
         if num is None:
@@ -442,7 +437,10 @@ class LayerStore:
             num = self.layers.keys.number_for(record)
             with self._lock:
                 self._opened[(layer.repository, layer.blob_digest)] = num
-        self.layers.mount_soon(num)  # opens it, prefetches what the image prioritised
+        if wait:
+            self.layers.mount(num)  # opens it, prefetches what the image prioritised
+        else:
+            self.layers.mount_soon(num)
         return num
 
     def use(self, ref: str, digest: str) -> None:
@@ -476,20 +474,8 @@ class DiffEntry(BaseNode):
     whiteout: bool = False
     miss_timeout = ATTR_TIMEOUT  # a layer never changes
 
-    @property
-    def may_block(self) -> bool:  # type: ignore[override]
-        """While the layer opens, its entries wait for the TOC: not in the FUSE loop."""
-        return not self.layers.is_open(self.num)
-
     def attr(self) -> NodeAttr:
         return self._attr(self.layers.stat(self.num, self.path))
-
-    def opening_attr(self) -> NodeAttr:
-        """What the lookup of `diff` answers while the layer still opens: a directory
-        0755 root:root (an index's root when the TOC has none), kept by the kernel for
-        OPENING_ROOT_TIMEOUT only; after that getattr gives the TOC's root entry."""
-        return NodeAttr(diff_ino(self.tree, ROOT_INO), stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 0,
-                        timeout=OPENING_ROOT_TIMEOUT)
 
     def _attr(self, st: EntryStat) -> NodeAttr:
         ino = diff_ino(self.tree, st.ino)
@@ -705,10 +691,8 @@ class LayerDir(BaseNode):
         else:
             num = self.store.open_layer(layer)
             if name == "diff":
-                diff = DiffEntry(self.store.layers, num, self.store.tree_for(self.ref, self.digest), "")
-                # podman's pull stats it: it need not wait for the TOC (open_layer).
-                return diff, diff.attr() if self.store.layers.is_open(num) else diff.opening_attr()
-            if name == "blob":
+                node = DiffEntry(self.store.layers, num, self.store.tree_for(self.ref, self.digest), "")
+            elif name == "blob":
                 node = BlobFile(self.store, layer, num, self.store.ino_for("blob", self.ref, self.digest))
             else:
                 node = BytesFile(self.store.ino_for("key", self.ref, self.digest), layer.key.encode() + b"\n")

@@ -348,10 +348,6 @@ class LayerTable:
             with self._lock:
                 self._mounting.discard(num)
 
-    def is_open(self, num: int) -> bool:
-        """Whether layer `num` is open (its entries are answered without the network)."""
-        return num in self._live
-
     def _opening_lock(self, num: int) -> threading.Lock:
         with self._lock:
             return self._opening.setdefault(num, threading.Lock())
