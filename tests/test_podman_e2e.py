@@ -10,6 +10,7 @@ pulled image elsewhere and run that, rmi, and run the gzip original under the sa
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -18,6 +19,8 @@ from typing import Iterator
 
 import pytest
 
+from crfs_worker.reference import ImageReference
+from crfs_worker.registry import RegistryClient
 from tests.support.podman import (
     NEEDS_ROOT_AND_PODMAN,
     e2e_images,
@@ -25,6 +28,7 @@ from tests.support.podman import (
     PATHS,
     E2EImages,
     PathReport,
+    PodmanRoot,
     PodmanUser,
     run_path,
 )
@@ -109,6 +113,34 @@ def test_setup_script_refuses_bad_input() -> None:
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
         assert result.returncode != 0
         assert message in (result.stderr + result.stdout).lower()
+
+
+def test_a_layer_whose_toc_does_not_verify_is_pulled_by_podman(user: PodmanUser, images: E2EImages, work: Path,
+                                                               reports: dict[str, PathReport]) -> None:
+    """The store cannot verify the layer, so podman's stat of it fails and podman pulls the
+    layer itself (containers/storage takes any stat error for "not in this store"): the
+    container runs, from bytes podman checked, and the worker log says why."""
+    repository = images.esgz_ref.split("/", 1)[1].rsplit(":", 1)[0]
+    broken = ImageReference(images.registry.host, repository, "broken-toc")
+    with RegistryClient() as client:
+        original = client.get_manifest(ImageReference(images.registry.host, repository, "esgz"))
+        manifest = json.loads(original.data)
+        manifest["layers"][-1]["annotations"]["containerd.io/snapshot/stargz/toc.digest"] = "sha256:" + "0" * 64
+        client.put_manifest(broken, json.dumps(manifest).encode(), original.media_type)
+    user.stop_worker()  # a fresh worker: one that opened the blob through the good tag serves it verified
+    user.clear_crfs_cache()
+    user.start_worker()
+    root = PodmanRoot(user.make_dir(work / "broken" / "root"), user.make_dir(user.runtime / f"e2e-broken-{work.name}"),
+                      PATHS["store"], user.store)
+    mark = images.registry.mark()
+    try:
+        done = user.podman(root, "run", "--rm", "--network", "none", "--tls-verify=false", str(broken),
+                           "python3", "-c", "print(45)")
+    finally:
+        user.podman(root, "rmi", "-a", "-f", check=False)
+    assert done.stdout.strip() == "45"
+    assert images.registry.fetched_since(mark).blob_bytes >= images.esgz_layers[-1][1]  # the whole layer
+    assert "TOC does not match its digest" in user.worker_log()
 
 
 def test_worker_follows_podman_into_new_namespaces(user: PodmanUser, reports: dict[str, PathReport]) -> None:
