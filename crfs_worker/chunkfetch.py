@@ -25,7 +25,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Collection, Hashable, Iterator, Protocol, Sequence
 
 from .blob import BlobReader, stream_range
 from .chunkstore import ChunkStore, StoreFullError
@@ -675,47 +675,152 @@ class ChunkFetcher:
 
     def _fetch_claimed(self, target: FetchTarget, spans: Sequence[Span]) -> dict[Hashable, bytes]:
         """Fetches, verifies and stores claimed chunks (one request per span); every claim
-        is landed, with its error if it failed. Raises the first failure of an asked-for
-        chunk after all of those landed; a span's `extra` chunks are decoded after them,
-        in the fetch threads, and fail only themselves."""
+        is landed (or, for a span's `extra` neighbours, released), with its error if it
+        failed. Raises the first failure of an asked-for chunk after all of those landed.
+        A span with neighbours streams (`_stream_with_neighbours`): the caller waits for
+        its own chunks only; asked chunks a broken stream did not bring are fetched again
+        here, alone."""
         out: dict[Hashable, bytes] = {}
         first_error: BaseException | None = None
-        for number, span in enumerate(spans):
+        todo = deque(spans)
+        while todo:
+            span = todo.popleft()
             try:
-                raw = self._request(target, span)
+                if span.extra:
+                    got, error, left = self._stream_with_neighbours(target, span)
+                    todo.extendleft(reversed(plan_spans(left, self.read_gap, 1 << 62)))
+                else:
+                    got, error = self._fetch_plain(target, span)
             except BaseException as exc:
-                for rest in spans[number:]:
+                for rest in todo:
                     for chunk in rest.chunks + rest.extra:
                         self._land(target, chunk, None, exc)
                 raise
-            for chunk in span.chunks:
-                try:
-                    data, kept = self._decode_and_keep(target, chunk, raw, span.start)
-                except BaseException as exc:
-                    self._land(target, chunk, None, exc)
-                    first_error = first_error or exc
-                    continue
-                self._land(target, chunk, data, None, kept)
-                out[flight_key(target, chunk)] = data
-            if span.extra and not self._submit(self._keep_extra, target, span, raw):
-                self._keep_extra(target, span, raw)
+            out.update(got)
+            first_error = first_error or error
         if first_error is not None:
             raise first_error
         return out
 
-    def _keep_extra(self, target: FetchTarget, span: Span, raw: bytes) -> None:
-        """Decodes, verifies and stores the neighbours a request brought along."""
-        for chunk in span.extra:
+    def _fetch_plain(self, target: FetchTarget, span: Span
+                     ) -> tuple[dict[Hashable, bytes], BaseException | None]:
+        """One request for a span without neighbours, read whole; lands every chunk.
+        Returns their bytes and the first chunk's failure; raises if the request fails."""
+        try:
+            raw = self._request(target, span)
+        except BaseException as exc:
+            for chunk in span.chunks:
+                self._land(target, chunk, None, exc)
+            raise
+        out: dict[Hashable, bytes] = {}
+        error: BaseException | None = None
+        for chunk in span.chunks:
             try:
                 data, kept = self._decode_and_keep(target, chunk, raw, span.start)
-            except Exception as exc:  # e.g. a corrupt neighbour: its own reader will see it
-                self._land(target, chunk, None, exc)
-                log.warning("%s: neighbour not kept: %s", target.blob.name, exc)
-                continue
             except BaseException as exc:
                 self._land(target, chunk, None, exc)
-                raise
+                error = error or exc
+                continue
             self._land(target, chunk, data, None, kept)
+            out[flight_key(target, chunk)] = data
+        return out, error
+
+    def _stream_with_neighbours(self, target: FetchTarget, span: Span
+                                ) -> tuple[dict[Hashable, bytes], BaseException | None, list[ChunkLike]]:
+        """Streams a span of asked chunks and their neighbours (`_coalesced`): each chunk
+        lands as soon as its bytes are in, the asked ones decoded in this thread, the
+        neighbours in the stream's decode thread. Once every asked chunk has landed, the
+        rest of the stream goes on in a fetch thread (`_stream_rest`) and this returns:
+        the reader does not wait for the neighbours. Returns the asked chunks' bytes, the
+        first failure of one (a corrupt chunk fails only itself), and the asked chunks a
+        broken stream did not bring: still claimed, for the caller to fetch alone. The
+        neighbours it did not land are released (their readers fetch them)."""
+        asked = {flight_key(target, c): c for c in span.chunks}
+        lander = _Lander(self, target)
+        ordered = deque(sorted(span.chunks + span.extra, key=lambda c: (not c.zeros, c.cstart, c.cend)))
+        out: dict[Hashable, bytes] = {}
+        errors: list[BaseException] = []
+
+        def hand(chunk: ChunkLike, raw: bytes) -> None:
+            key = flight_key(target, chunk)
+            if asked.pop(key, None) is None:
+                lander.put(chunk, raw)
+                return
+            try:
+                data, kept = self._decode_and_keep(target, chunk, raw, chunk.cstart)
+            except BaseException as exc:
+                self._land(target, chunk, None, exc)
+                errors.append(exc)
+                return
+            self._land(target, chunk, data, None, kept)
+            out[key] = data
+
+        while ordered and ordered[0].zeros:
+            hand(ordered.popleft(), b"")
+        pieces = stream_range(target.blob, span.start, span.length)
+        gathered = _Gathered(span.start)
+        handed_off = False
+        try:
+            try:
+                if asked:
+                    self._stream_until(pieces, gathered, ordered, hand, lambda: not asked)
+                if ordered:
+                    handed_off = self._submit(self._stream_rest, target, pieces, gathered, ordered, lander)
+            finally:
+                if not handed_off:
+                    self._end_stream(target, pieces, ordered, lander, keep=asked.keys())
+        except Exception as exc:  # the stream broke: the asked chunks left are fetched alone
+            log.info("%s: %s: on-demand stream broke off: %s", target.blob.name, span.chunks[0].path, exc)
+        except BaseException as exc:
+            for chunk in asked.values():
+                self._land(target, chunk, None, exc)
+            raise
+        return out, (errors[0] if errors else None), list(asked.values())
+
+    def _stream_until(self, pieces: Iterator[bytes], gathered: "_Gathered", ordered: "deque[ChunkLike]",
+                      hand: Callable[[ChunkLike, bytes], None], enough: Callable[[], bool]) -> None:
+        """Reads `pieces` into `gathered`, handing each chunk of `ordered` (blob order) its
+        bytes as soon as they are in, until the stream ends or `enough()`."""
+        for piece in pieces:
+            if self._closed:
+                raise CrfsError("the worker is stopping")
+            gathered.add(piece)
+            while ordered and ordered[0].cend <= gathered.end:
+                chunk = ordered.popleft()
+                hand(chunk, gathered.take(chunk.cstart, chunk.cend))
+            gathered.drop_before(ordered[0].cstart if ordered else gathered.end)
+            if enough():
+                return
+
+    def _stream_rest(self, target: FetchTarget, pieces: Iterator[bytes], gathered: "_Gathered",
+                     ordered: "deque[ChunkLike]", lander: "_Lander") -> None:
+        """The neighbours' part of an on-demand stream, in a fetch thread: each lands as its
+        bytes arrive; those a broken stream did not bring are released."""
+        try:
+            with self.gate.on_demand():
+                self._stream_until(pieces, gathered, ordered, lander.put, lambda: not ordered)
+        except (CrfsError, OSError) as exc:  # released: a reader of these chunks fetches them
+            log.info("%s: neighbours not fetched: %s", target.blob.name, exc)
+        except Exception:
+            log.exception("%s: neighbours", target.blob.name)
+        finally:
+            self._end_stream(target, pieces, ordered, lander)
+        for error in lander.errors:  # e.g. a corrupt neighbour: its own reader will see it
+            log.warning("%s: neighbour not kept: %s", target.blob.name, error)
+
+    def _end_stream(self, target: FetchTarget, pieces: Iterator[bytes], ordered: "deque[ChunkLike]",
+                    lander: "_Lander", keep: Collection[Hashable] = ()) -> None:
+        """Closes a stream (its request ends), releases the chunks of `ordered` it did not
+        bring except those in `keep` (still claimed by the caller), and waits for the
+        decode thread to land what it was handed."""
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+        while ordered:
+            chunk = ordered.popleft()
+            if flight_key(target, chunk) not in keep:
+                self._land(target, chunk, None, None, released=True)
+        lander.finish()
 
     @staticmethod
     def _request(target: FetchTarget, span: Span) -> bytes:
