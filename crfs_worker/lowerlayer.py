@@ -16,7 +16,6 @@ fuse-overlayfs understands as they are.
 from __future__ import annotations
 
 import errno
-from collections import OrderedDict
 import fcntl
 import logging
 import os
@@ -39,6 +38,7 @@ from .ipc import PROTOCOL_VERSION, RequestFailed
 from .layer import EntryStat, Layer, LayerSource
 from .layerkeys import KeyStore, LayerRecord, UnknownKeyError, compose_ino
 from .prefetch import BackgroundFetcher, BackgroundProgress, FetchOptions, PrefetchStatus, prefetch_prioritized
+from .recent import Recent
 from .reference import ImageReference
 from .registry import RegistryClient, SchemeMemo
 
@@ -493,7 +493,8 @@ class LowerLayerService:
     _copy_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # Big files handed to crfs.so as view fds (layer number, path), the newest last: only
     # those get local copies (the layer store's readers cannot use them).
-    _view_files: OrderedDict[tuple[int, str], None] = field(default_factory=OrderedDict, init=False, repr=False)
+    _view_files: Recent[tuple[int, str], bool] = field(default_factory=lambda: Recent(VIEW_FILES_KEPT), init=False,
+                                                       repr=False)
 
     def __post_init__(self) -> None:
         self.table.read_to_end = self._copy_when_local
@@ -713,11 +714,7 @@ class LowerLayerService:
         return fd
 
     def _note_view_file(self, num: int, path: str) -> None:
-        with self._copy_lock:
-            self._view_files[(num, path)] = None
-            self._view_files.move_to_end((num, path))
-            while len(self._view_files) > VIEW_FILES_KEPT:
-                self._view_files.popitem(last=False)
+        self._view_files.put((num, path), True)
 
     def _copy_when_local(self, live: LiveLayer, path: str) -> None:
         """LayerTable.read reached the end of `path`: if the file is big and every one of
@@ -726,9 +723,8 @@ class LowerLayerService:
         an O_DIRECT view fd. Bounded: no copy once the content cache holds local_copy_budget
         bytes; a copy doubles the disk the file takes (its chunks stay: other layers and
         the view may use them)."""
-        with self._copy_lock:
-            if (live.num, path) not in self._view_files:
-                return  # not read through crfs.so (the layer store, the CLI): no use for a copy
+        if self._view_files.get((live.num, path)) is None:
+            return  # not read through crfs.so (the layer store, the CLI): no use for a copy
         digest = live.file_digest(path)
         if digest is None:
             return
