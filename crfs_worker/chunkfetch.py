@@ -785,7 +785,10 @@ class ChunkFetcher:
                 if asked:
                     self._stream_until(pieces, gathered, ordered, hand, lambda: not asked)
                 if ordered:
-                    handed_off = self._submit(self._stream_rest, target, pieces, gathered, ordered, lander)
+                    # Threads of their own: a stream paused behind long read-ahead streams
+                    # would hold its neighbours' readers (and a connection) meanwhile.
+                    handed_off = self._run_in("crfs-neighbours", self._stream_rest, target, pieces,
+                                              gathered, ordered, lander)
             finally:
                 if not handed_off:
                     self._end_stream(target, pieces, ordered, lander, keep=asked.keys())
