@@ -158,9 +158,6 @@ class AheadPolicy:
     # several reads in flight, and the view's threads may see them out of order.
     sequential_slack: int = 512 << 10
     tracked_files: int = 256        # files whose last read is remembered
-    # The neighbours before an on-demand fetch's chunks come by a request of their own,
-    # beside it, so that the reader's stream starts at its own bytes.
-    split_back: bool = False
 
 
 # ---------------------------------------------------------------------------- priority
@@ -690,8 +687,6 @@ class ChunkFetcher:
             span = todo.popleft()
             try:
                 if span.extra:
-                    span = self._split_back(target, span)
-                if span.extra:
                     got, error, left = self._stream_with_neighbours(target, span)
                     todo.extendleft(reversed(plan_spans(left, self.read_gap, 1 << 62)))
                 else:
@@ -706,21 +701,6 @@ class ChunkFetcher:
         if first_error is not None:
             raise first_error
         return out
-
-    def _split_back(self, target: FetchTarget, span: Span) -> Span:
-        """With `split_back`: starts streaming the neighbours before the span's asked
-        chunks in a fetch thread (each landed as it arrives, released if it cannot be),
-        and returns the span from the first asked chunk on."""
-        first = min(c.cstart for c in span.chunks)
-        back = tuple(c for c in span.extra if c.cend <= first and not c.zeros)
-        if not self.policy.split_back or not back:
-            return span
-        rest = tuple(c for c in span.extra if c not in back)
-        ahead = Span(back[0].cstart, max(c.cend for c in back), back)
-        if not self._submit(self._fetch_ahead, target, ahead):
-            for chunk in back:
-                self._land(target, chunk, None, None, released=True)
-        return Span(first, span.end, span.chunks, rest)
 
     def _fetch_plain(self, target: FetchTarget, span: Span
                      ) -> tuple[dict[Hashable, bytes], BaseException | None]:

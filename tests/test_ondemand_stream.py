@@ -187,19 +187,3 @@ def test_a_corrupt_asked_chunk_fails_its_reader_and_the_neighbours_are_kept(
         assert worker.live.stats.verification_failures == 1
     finally:
         worker.close()
-
-
-def test_split_back_fetches_the_neighbours_before_by_a_request_beside(
-        tmp_path: Path, layer: blobgen.Blob) -> None:
-    worker = Worker(tmp_path, layer, AheadPolicy(read_ahead=0, split_back=True))
-    try:
-        first, asked, last = (worker.chunk(_name(i)) for i in (0, 4, FILES - 1))
-        before = worker.chunk(_name(3))
-        assert worker.read_later(_name(4)).result(DEADLINE) == worker.files[_name(4)]
-        assert worker.table.fetcher.settle(DEADLINE)
-        # The reader's stream starts at its own chunk; f00-f03 come by a second request.
-        assert sorted(worker.blob.streams) == [(first.cstart, before.cend - first.cstart),
-                                               (asked.cstart, last.cend - asked.cstart)]
-        assert worker.reads() == [] and all(worker.stored(_name(i)) for i in range(FILES))
-    finally:
-        worker.close()
