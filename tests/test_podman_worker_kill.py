@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.support.podman import (
     PodmanRoot,
     PodmanUser,
     debootstrap_tarball,
+    tarball_files,
 )
 
 USER = "crfs-podkill"   # not the e2e test's user: its worker is ours to kill
@@ -98,18 +98,7 @@ def images(user: PodmanUser, work: Path, tmp_path_factory: pytest.TempPathFactor
 
 def _checksums(tarball: Path, names: tuple[str, ...]) -> dict[str, tuple[str, int]]:
     """(sha256, size) of regular files of the image's tarball: the truth readers compare with."""
-    wanted = {f"./{name}": name for name in names}
-    found: dict[str, tuple[str, int]] = {}
-    with tarfile.open(tarball) as tar:
-        for member in tar:
-            name = wanted.get(member.name)
-            if name is None:
-                continue
-            assert member.isfile(), f"{name} is not a regular file in {tarball}"
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            found[name] = (hashlib.sha256(data).hexdigest(), len(data))
-    assert set(found) == set(names), f"missing from the image: {set(names) - set(found)}"
-    return found
+    return {name: (hashlib.sha256(data).hexdigest(), len(data)) for name, data in tarball_files(tarball, names).items()}
 
 
 def _wait(condition: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "") -> None:

@@ -40,12 +40,13 @@ LATER = _rng.randbytes(50_000)    # after the landmark
 
 
 class HeldStream(MemBlob):
-    """A MemBlob that also streams, 16 KiB at a time; the stream stops before blob offset
-    `hold_at` until `release()`, and then goes on, or with `fail` raises RegistryError
-    there (a registry that went away mid-body, past every retry)."""
+    """A MemBlob that also streams, `piece` bytes at a time; the stream stops before blob
+    offset `hold_at` until `release()`, and then goes on, or with `fail` raises
+    RegistryError there (a registry that went away mid-body, past every retry)."""
 
-    def __init__(self, data: bytes, name: str) -> None:
+    def __init__(self, data: bytes, name: str, piece: int = 16 << 10) -> None:
         super().__init__(data, name)
+        self.piece = piece
         self.hold_at: int | None = None
         self.fail = False
         self.streams: list[tuple[int, int]] = []
@@ -60,16 +61,15 @@ class HeldStream(MemBlob):
         self.streams.append((offset, length))
         at, end = offset, offset + length
         while at < end:
-            upto = min(at + (16 << 10), end)
+            upto = min(at + self.piece, end)
             if self.hold_at is not None and at < self.hold_at <= upto:
-                if self.hold_at > at:
-                    yield self.data[at:self.hold_at]
-                at = self.hold_at
+                hold, self.hold_at = self.hold_at, None  # holds and breaks once
+                yield self.data[at:hold]
+                at = hold
                 self.holding.set()
                 assert self._released.wait(DEADLINE), "the test never released the stream"
                 if self.fail:
                     raise RegistryError(f"{self.name}: broke off after {at - offset} bytes (test)")
-                self.hold_at = None
                 continue
             yield self.data[at:upto]
             at = upto
