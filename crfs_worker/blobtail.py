@@ -57,7 +57,7 @@ class TailKeepingBlob:
 
     def read_range(self, offset: int, length: int) -> bytes:
         tail = self._kept()
-        if tail is not None and length >= 0 and offset >= self.size - len(tail) and offset + length <= self.size:
+        if self._in_tail(tail, offset, length):
             start = offset - (self.size - len(tail))
             return tail[start:start + length]
         data = self.blob.read_range(offset, length)
@@ -69,10 +69,13 @@ class TailKeepingBlob:
         """The range as it streams (blob.stream_range): from the kept tail if it lies there,
         else from the blob (not kept: a streamed range is a TOC or file data)."""
         tail = self._kept()
-        if tail is not None and length >= 0 and offset >= self.size - len(tail) and offset + length <= self.size:
+        if self._in_tail(tail, offset, length):
             yield self.read_range(offset, length)
             return
         yield from stream_range(self.blob, offset, length)
+
+    def _in_tail(self, tail: bytes | None, offset: int, length: int) -> bool:
+        return tail is not None and length >= 0 and offset >= self.size - len(tail) and offset + length <= self.size
 
     def _kept(self) -> bytes | None:
         if not self._loaded:

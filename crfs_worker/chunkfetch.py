@@ -692,9 +692,11 @@ class ChunkFetcher:
                 else:
                     got, error = self._fetch_plain(target, span)
             except BaseException as exc:
-                for rest in todo:
-                    for chunk in rest.chunks + rest.extra:
+                for rest in todo:  # asked chunks share the failure; neighbours go back to their readers
+                    for chunk in rest.chunks:
                         self._land(target, chunk, None, exc)
+                    for chunk in rest.extra:
+                        self._land(target, chunk, None, None, released=True)
                 raise
             out.update(got)
             first_error = first_error or error

@@ -143,7 +143,9 @@ class StoreLayer:
 
     @property
     def key(self) -> str:
-        return key_for(f"store:{self.repository}@{self.blob_digest}")
+        # The TOC digest too: two manifests may name one blob with different TOC digests,
+        # and one that does not verify must not stand for the other.
+        return key_for(f"store:{self.repository}@{self.blob_digest}|toc:{self.toc_digest}")
 
     @classmethod
     def of(cls, ref: str, digest: str, repository: str, desc: Any, diff_id: str) -> "StoreLayer":
@@ -383,7 +385,7 @@ class LayerStore:
     _inos: dict[tuple[str, ...], int] = field(default_factory=dict, init=False, repr=False)
     _next_ino: Iterator[int] = field(default_factory=lambda: itertools.count(FIRST_META_INO), init=False,
                                      repr=False)
-    _opened: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False)
+    _opened: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _trees: dict[tuple[str, str], int] = field(default_factory=dict, init=False, repr=False)
     bad_blobs: set[str] = field(default_factory=set, init=False)  # blobs that did not match their digest
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -419,7 +421,10 @@ class LayerStore:
         """Starts opening the seekable layers of an image whose manifest just came in: the
         TOCs come in beside the config fetch, all layers at once."""
         for layer in layers:
-            self.open_layer(layer, wait=False)
+            try:
+                self.open_layer(layer, wait=False)
+            except Exception as exc:  # the layer podman asked for must not fail for another's sake
+                log.warning("store: %s@%s not opened early: %s", layer.repository, layer.blob_digest, exc)
 
     def open_layer(self, layer: StoreLayer, wait: bool = True) -> int:
         """Registers the layer under its KEY and opens it (fetching and checking its TOC),
@@ -429,14 +434,14 @@ class LayerStore:
         podman's stat of `diff`, `info` and `blob` waits for the open: a layer that cannot
         be opened or verified must fail that stat, so that podman pulls it instead
         (containers/storage takes any stat error for "not in this store")."""
+        record = layer.record
         with self._lock:
-            num = self._opened.get((layer.repository, layer.blob_digest))
+            num = self._opened.get(record.identity())
         if num is None:
-            record = layer.record
             self.layers.keys.register(f"{layer.repository}@{layer.blob_digest}", [record], key=layer.key)
             num = self.layers.keys.number_for(record)
             with self._lock:
-                self._opened[(layer.repository, layer.blob_digest)] = num
+                self._opened[record.identity()] = num
         if wait:
             self.layers.mount(num)  # opens it, prefetches what the image prioritised
         else:

@@ -337,7 +337,12 @@ class LayerTable:
             self.mount(num)  # no network: prefetch and background fetch, queued once
         if live or mounting:
             return
-        threading.Thread(target=self._mount_logged, args=(num,), name=f"crfs-open-{num}", daemon=True).start()
+        try:
+            threading.Thread(target=self._mount_logged, args=(num,), name=f"crfs-open-{num}", daemon=True).start()
+        except RuntimeError:  # no thread to be had: its first user opens it
+            with self._lock:
+                self._mounting.discard(num)
+            raise
 
     def _mount_logged(self, num: int) -> None:
         try:

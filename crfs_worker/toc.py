@@ -119,6 +119,13 @@ _HEX64 = re.compile(r"sha256:([0-9a-fA-F]{64})\Z")
 _MIN_NS, _MAX_NS = -(2**63), 2**63 - 1  # what st_mtime and SQLite can hold
 
 
+def _is_clean_name(name: str) -> bool:
+    """Whether normalize_name would return `name` as it is (the common case, checked
+    without its splitting: the parse calls this for every entry)."""
+    return not (not name or name[0] in "./" or name[-1] in "./" or "//" in name or "/." in name
+                or "\x00" in name or len(name) > 255 or not name.isascii())
+
+
 def normalize_name(name: str, max_path: int = 4096) -> str:
     """Clean a TOC path: strip leading "./" and "/", collapse "//" and "/./", drop a trailing "/".
 
@@ -787,11 +794,9 @@ class TocParser:
         # a directory's "/") is that clean name.
         if name[:2] == "./":
             bare = name[2:-1] if name[-1] == "/" else name[2:]
-            if not (not bare or bare[0] in "./" or bare[-1] in "./" or "//" in bare or "/." in bare
-                    or "\x00" in bare or len(bare) > 255 or not bare.isascii()):
+            if _is_clean_name(bare):
                 name = bare
-        if (not name or name[0] in "./" or name[-1] in "./" or "//" in name or "/." in name
-                or "\x00" in name or len(name) > 255 or not name.isascii()):
+        if not _is_clean_name(name):
             if name[:1] == "/":
                 raise self._bad(d, "name is an absolute path (layer names are relative)")
             try:

@@ -55,7 +55,7 @@ log = logging.getLogger("crfs_worker")
 SOCKET_NAME = "worker.sock"
 # How long a worker waits for the lock of one that answers nothing: an exiting worker has
 # closed its socket and still joins its fetches and unmounts its view (10 s each at most).
-LOCK_WAIT = 60.0
+LOCK_WAIT = 25.0  # within the starters' 30 s (crfs.so, ensure_worker): they see our error
 NAMESPACE_CHECK_TICKS = 5  # seconds between checks that podman still uses the namespaces we joined
 
 

@@ -9,9 +9,9 @@
  * and a msgpack map (libmsgpack-c); file descriptors come back with SCM_RIGHTS. The
  * protocol is described in crfs_worker/ipc.py. Each layer's l->fd is a directory fd on
  * the worker's read-only FUSE view of that layer. Three shortcuts keep round trips rare:
- * - metadata (statat, file_exists, xattr names, symlink targets) comes from
- *   whole-directory listings, fetched once per directory and layer and kept (layers
- *   never change);
+ * - metadata (statat, file_exists, xattr names) comes from whole-directory listings,
+ *   fetched once per directory and layer and kept (layers never change), and symlink
+ *   targets, once read, are kept with them;
  * - listings of subdirectories, and the targets of a directory's other symlinks, are
  *   asked for ahead on a second connection, so that a walk rarely waits for them (see
  *   "Listing ahead");
@@ -144,6 +144,7 @@ struct cached_dir
   int error; /* 0, or ENOENT/ENOTDIR: no such directory in this layer */
   size_t count;
   struct cached_entry *entries; /* sorted by name */
+  bool ahead_done;              /* its subdirectories were asked for ahead (once) */
 };
 
 struct crfs_layer
@@ -158,7 +159,7 @@ struct crfs_layer
   size_t cached_entries;
 };
 
-#define CRFS_AHEAD_DEFAULT 32 /* look-ahead `list` requests in flight (see ahead_send) */
+#define CRFS_AHEAD_DEFAULT 32 /* look-ahead `list` and `readlink` requests in flight (ahead_send) */
 #define CRFS_AHEAD_MAX 64
 #define CRFS_AHEAD_WANTED 1024 /* directories remembered for the look-ahead */
 #define CRFS_SKB_OVERHEAD 1024 /* the kernel's bookkeeping per message, above its bytes */
@@ -1531,22 +1532,39 @@ cached_dir (struct crfs_layer *cl, const char *dir)
   return NULL;
 }
 
+/* The directory part of normalised PATH ("" at the top) into DIR; returns the last name. */
+static const char *
+split_path (const char *path, char dir[PATH_MAX])
+{
+  const char *slash = strrchr (path, '/');
+  size_t n = slash ? (size_t) (slash - path) : 0;
+
+  memcpy (dir, path, n);
+  dir[n] = '\0';
+  return slash ? slash + 1 : path;
+}
+
+/* DIR/NAME (NAME alone at the top) into OUT; false if it does not fit. */
+static bool
+join_path (char out[PATH_MAX], const char *dir, const char *name)
+{
+  int n = snprintf (out, PATH_MAX, "%s%s%s", dir, *dir ? "/" : "", name);
+  return n > 0 && n < PATH_MAX;
+}
+
 /* The cached entry of symlink PATH if its directory's listing is cached, else NULL. */
 static struct cached_entry *
 cached_link (struct crfs_layer *cl, const char *path)
 {
-  const char *slash = strrchr (path, '/');
   char dir[PATH_MAX];
   struct cached_entry key;
   struct cached_entry *e;
   const struct cached_dir *d;
 
-  memcpy (dir, path, slash ? (size_t) (slash - path) : 0);
-  dir[slash ? slash - path : 0] = '\0';
+  key.name = (char *) split_path (path, dir);
   d = cached_dir (cl, dir);
   if (d == NULL || d->error)
     return NULL;
-  key.name = (char *) (slash ? slash + 1 : path);
   e = bsearch (&key, d->entries, d->count, sizeof (*d->entries), entry_cmp);
   return e != NULL && S_ISLNK (e->st[1]) ? e : NULL;
 }
@@ -1586,10 +1604,10 @@ link_request (struct request *q, struct crfs_layer *cl, const char *path)
  * worker serves each connection in its own thread): the worker builds them while
  * fuse-overlayfs and the kernel work through the entries at hand, and get_dir takes a
  * reply when the walk gets there. The directories asked for last go first (walks go
- * depth first). Only a directory that is listed has its subdirectories asked for, so a
- * lookup of one path asks for nothing more; the look-ahead never fills more than half
- * the cache, never starts a worker, and a failure only drops it (get_dir then asks on
- * the ordinary connection). When one symlink is read on demand, the directory's other
+ * depth first). A directory that is listed has its subdirectories asked for, and so
+ * has the parent of one missed on demand, once per directory; the look-ahead never
+ * fills more than half the cache, never starts a worker, and a failure only drops it
+ * (get_dir then asks on the ordinary connection). When one symlink is read on demand, the directory's other
  * symlinks are read ahead the same way. CRFS_LIST_AHEAD: requests in flight (0 turns
  * it off). Everything here runs with cache_lock held. ---- */
 
@@ -1723,19 +1741,20 @@ ahead_pop (struct ahead_item *out)
 
 /* Wants the subdirectories of D that are neither cached nor asked for. */
 static void
-ahead_want_subdirs (struct crfs_layer *cl, const struct cached_dir *d)
+ahead_want_subdirs (struct crfs_layer *cl, struct cached_dir *d)
 {
   size_t i;
 
-  if (ahead_depth () == 0 || d->error)
+  if (ahead_depth () == 0 || d->error || d->ahead_done || cl->cached_entries > CRFS_CACHE_MAX_ENTRIES / 2)
     return;
+  d->ahead_done = true; /* a miss under it would otherwise rescan it: once is enough */
   /* Backwards: the first name ends on top of the stack. */
   for (i = d->count; i-- > 0;)
     if (S_ISDIR (d->entries[i].st[1]))
       {
         char path[PATH_MAX];
-        int n = snprintf (path, sizeof (path), "%s%s%s", d->path, *d->path ? "/" : "", d->entries[i].name);
-        if (n > 0 && (size_t) n < sizeof (path) && cached_dir (cl, path) == NULL && ahead_position (cl, path) < 0)
+        if (join_path (path, d->path, d->entries[i].name) && cached_dir (cl, path) == NULL
+            && ahead_position (cl, path) < 0)
           ahead_want (cl, path, false);
       }
 }
@@ -1756,10 +1775,18 @@ ahead_send (void)
 
       if (a.cl == NULL || a.cl->cached_entries > CRFS_CACHE_MAX_ENTRIES / 2
           || (a.link ? e == NULL || e->target != NULL : cached_dir (a.cl, a.path) != NULL)
-          || ahead_position (a.cl, a.path) >= 0 || ahead_connect () < 0)
+          || ahead_position (a.cl, a.path) >= 0)
         {
           ahead_free (&a);
           continue;
+        }
+      if (ahead_connect () < 0)
+        {
+          /* Not one connect per wanted item (the worker may be exiting): drop them all. */
+          ahead_free (&a);
+          while (ahead_pop (&a))
+            ahead_free (&a);
+          return;
         }
       if (a.link)
         link_request (&q, a.cl, a.path);
@@ -1820,6 +1847,11 @@ ahead_receive (void)
   else if (a->cl != NULL && cached_dir (a->cl, a->path) == NULL)
     {
       d = listing_of_reply (a->path, err, &r);
+      if (d != NULL && a->cl->cached_entries + d->count + 1 > CRFS_CACHE_MAX_ENTRIES / 2)
+        {
+          free_dir (d); /* the look-ahead never fills more than half the cache */
+          d = NULL;
+        }
       taken = d != NULL;
     }
   reply_free (&r);
@@ -1885,14 +1917,12 @@ get_dir (struct crfs_layer *cl, const char *dir)
 static void
 ahead_siblings (struct crfs_layer *cl, const char *dir)
 {
-  const char *slash = strrchr (dir, '/');
   char parent[PATH_MAX];
-  const struct cached_dir *p;
+  struct cached_dir *p;
 
   if (*dir == '\0')
     return;
-  memcpy (parent, dir, slash ? (size_t) (slash - dir) : 0);
-  parent[slash ? slash - dir : 0] = '\0';
+  split_path (dir, parent);
   p = cached_dir (cl, parent);
   if (p != NULL)
     ahead_want_subdirs (cl, p);
@@ -1903,15 +1933,13 @@ ahead_siblings (struct crfs_layer *cl, const char *dir)
 static void
 ahead_links (struct crfs_layer *cl, const char *path)
 {
-  const char *slash = strrchr (path, '/');
   char dir[PATH_MAX];
   const struct cached_dir *d;
   size_t i;
 
   if (ahead_depth () == 0)
     return;
-  memcpy (dir, path, slash ? (size_t) (slash - path) : 0);
-  dir[slash ? slash - path : 0] = '\0';
+  split_path (path, dir);
   d = cached_dir (cl, dir);
   if (d == NULL || d->error)
     return;
@@ -1919,8 +1947,7 @@ ahead_links (struct crfs_layer *cl, const char *path)
     if (S_ISLNK (d->entries[i].st[1]) && d->entries[i].target == NULL)
       {
         char link[PATH_MAX];
-        int n = snprintf (link, sizeof (link), "%s%s%s", dir, *dir ? "/" : "", d->entries[i].name);
-        if (n > 0 && (size_t) n < sizeof (link) && ahead_position (cl, link) < 0)
+        if (join_path (link, dir, d->entries[i].name) && ahead_position (cl, link) < 0)
           ahead_want (cl, link, true);
       }
 }
@@ -1958,7 +1985,7 @@ static const struct cached_entry *
 find_entry (struct crfs_layer *cl, const char *norm)
 {
   char dir[PATH_MAX];
-  const char *slash = strrchr (norm, '/');
+  const char *name;
   struct cached_entry key;
   struct cached_dir *d;
   const struct cached_entry *e;
@@ -1969,13 +1996,7 @@ find_entry (struct crfs_layer *cl, const char *norm)
         return NULL;
       return &cl->root;
     }
-  if (slash)
-    {
-      memcpy (dir, norm, (size_t) (slash - norm));
-      dir[slash - norm] = '\0';
-    }
-  else
-    dir[0] = '\0';
+  name = split_path (norm, dir);
   if ((d = get_dir (cl, dir)) == NULL)
     return NULL;
   if (d->error)
@@ -1983,7 +2004,7 @@ find_entry (struct crfs_layer *cl, const char *norm)
       errno = d->error;
       return NULL;
     }
-  key.name = (char *) (slash ? slash + 1 : norm);
+  key.name = (char *) name;
   e = bsearch (&key, d->entries, d->count, sizeof (*d->entries), entry_cmp);
   if (e == NULL)
     errno = ENOENT;

@@ -58,6 +58,9 @@ def test_a_layer_whose_toc_does_not_verify_fails_podmans_stat(worker: StoreWorke
     assert stat_blob.value.errno == errno.EIO
     log = (worker.runtime / "worker.log").read_text(errors="replace")
     assert "TOC does not match its digest" in log
+    # The same blob under the good manifest is another layer: the bad one does not stand for it.
+    good = worker.layer_dir(converted.esgz, converted.layer_digests[-1])
+    assert snapshot(good / "diff") == expected_diff(converted.image.layers[-1].entries)
 
 
 def test_a_layer_opened_beside_the_pull_serves_its_tree(worker: StoreWorker, converted: Pushed) -> None:  # noqa: F811
