@@ -157,11 +157,15 @@ struct crfs_layer
   struct cached_entry root; /* the layer's root directory itself */
   struct cached_dir *dirs[CRFS_CACHE_BUCKETS];
   size_t cached_entries;
+  size_t target_bytes; /* of the symlink targets kept with the listings */
 };
 
 #define CRFS_AHEAD_DEFAULT 32 /* look-ahead `list` and `readlink` requests in flight (ahead_send) */
 #define CRFS_AHEAD_MAX 64
 #define CRFS_AHEAD_WANTED 1024 /* directories remembered for the look-ahead */
+/* Symlink targets are read ahead while a layer keeps fewer bytes of them than this: a
+ * TOC may hold many symlinks of 4 KiB, and one read must not pull in all of them. */
+#define CRFS_AHEAD_TARGET_BYTES (8u << 20)
 #define CRFS_SKB_OVERHEAD 1024 /* the kernel's bookkeeping per message, above its bytes */
 
 /* What to ask for ahead (asked for, or wanted): a directory's listing, or a symlink's
@@ -1249,6 +1253,7 @@ flush_cache (struct crfs_layer *cl)
         cl->dirs[b] = next;
       }
   cl->cached_entries = 0;
+  cl->target_bytes = 0;
 }
 
 static void
@@ -1569,9 +1574,9 @@ cached_link (struct crfs_layer *cl, const char *path)
   return e != NULL && S_ISLNK (e->st[1]) ? e : NULL;
 }
 
-/* Keeps the target from a `readlink` reply in E. */
+/* Keeps the target from a `readlink` reply in E, a symlink of CL. */
 static int
-keep_target (struct cached_entry *e, const struct reply *r)
+keep_target (struct crfs_layer *cl, struct cached_entry *e, const struct reply *r)
 {
   const char *target = NULL;
   uint32_t len = 0;
@@ -1586,6 +1591,7 @@ keep_target (struct cached_entry *e, const struct reply *r)
     return -1;
   memcpy (e->target, target, len);
   e->target_len = len;
+  cl->target_bytes += len;
   return 0;
 }
 
@@ -1842,7 +1848,8 @@ ahead_receive (void)
   if (a->cl != NULL && a->link)
     {
       struct cached_entry *e = cached_link (a->cl, a->path);
-      taken = err == 0 && e != NULL && e->target == NULL && keep_target (e, &r) == 0;
+      taken = err == 0 && e != NULL && e->target == NULL && a->cl->target_bytes < CRFS_AHEAD_TARGET_BYTES
+              && keep_target (a->cl, e, &r) == 0;
     }
   else if (a->cl != NULL && cached_dir (a->cl, a->path) == NULL)
     {
@@ -1937,7 +1944,7 @@ ahead_links (struct crfs_layer *cl, const char *path)
   const struct cached_dir *d;
   size_t i;
 
-  if (ahead_depth () == 0)
+  if (ahead_depth () == 0 || cl->target_bytes >= CRFS_AHEAD_TARGET_BYTES)
     return;
   split_path (path, dir);
   d = cached_dir (cl, dir);
@@ -2751,7 +2758,7 @@ fetch_target (struct crfs_layer *cl, const char *norm, struct cached_entry *e)
   reply_init (&r);
   ret = call (&q, &r);
   if (ret == 0)
-    ret = keep_target (e, &r);
+    ret = keep_target (cl, e, &r);
   reply_free (&r);
   trace ("readlink(%llu, %s) = %d", (unsigned long long) cl->num, norm, ret);
   return ret;
