@@ -476,21 +476,11 @@ class ChunkFetcher:
         """Reads the span's stream, handing each chunk of `ordered` (by blob offset) to
         `lander` once its bytes are in, and keeping only the bytes chunks still need;
         stops early (chunks left in `ordered`) once `should_yield()`."""
-        gathered = _Gathered(span.start)
         # Closed at once on failure: the request ends (and stops counting as in flight).
+        # Closed too when it yields: a partly received chunk is fetched again later.
         with closing(stream_range(target.blob, span.start, span.length)) as pieces:
-            for piece in pieces:
-                if self._closed:
-                    raise CrfsError(f"{target.blob.name}: the worker is stopping")
-                gathered.add(piece)
-                while ordered and ordered[0].cend <= gathered.end:
-                    chunk = ordered.popleft()
-                    lander.put(chunk, gathered.take(chunk.cstart, chunk.cend))
-                if ordered and should_yield is not None and should_yield():
-                    return  # closed here: a partly received chunk is fetched again later
-                # Chunks are in blob order: bytes before the next one's start are done with
-                # (a hole between chunks may go on past the bytes in so far).
-                gathered.drop_before(ordered[0].cstart if ordered else gathered.end)
+            self._stream_until(target, pieces, _Gathered(span.start), ordered, lander.put,
+                               lambda: bool(ordered) and should_yield is not None and should_yield())
 
     # ---------------------------------------------------------------- beyond the request
 
@@ -765,7 +755,7 @@ class ChunkFetcher:
         try:
             try:
                 if asked:
-                    self._stream_until(pieces, gathered, ordered, hand, lambda: not asked)
+                    self._stream_until(target, pieces, gathered, ordered, hand, lambda: not asked)
                 if ordered:
                     # Threads of their own: a stream paused behind long read-ahead streams
                     # would hold its neighbours' readers (and a connection) meanwhile.
@@ -782,17 +772,20 @@ class ChunkFetcher:
             raise
         return out, (errors[0] if errors else None), list(asked.values())
 
-    def _stream_until(self, pieces: Iterator[bytes], gathered: "_Gathered", ordered: "deque[ChunkLike]",
-                      hand: Callable[[ChunkLike, bytes], None], enough: Callable[[], bool]) -> None:
+    def _stream_until(self, target: FetchTarget, pieces: Iterator[bytes], gathered: "_Gathered",
+                      ordered: "deque[ChunkLike]", hand: Callable[[ChunkLike, bytes], None],
+                      enough: Callable[[], bool]) -> None:
         """Reads `pieces` into `gathered`, handing each chunk of `ordered` (blob order) its
         bytes as soon as they are in, until the stream ends or `enough()`."""
         for piece in pieces:
             if self._closed:
-                raise CrfsError("the worker is stopping")
+                raise CrfsError(f"{target.blob.name}: the worker is stopping")
             gathered.add(piece)
             while ordered and ordered[0].cend <= gathered.end:
                 chunk = ordered.popleft()
                 hand(chunk, gathered.take(chunk.cstart, chunk.cend))
+            # Chunks are in blob order: bytes before the next one's start are done with
+            # (a hole between chunks may go on past the bytes in so far).
             gathered.drop_before(ordered[0].cstart if ordered else gathered.end)
             if enough():
                 return
@@ -803,15 +796,13 @@ class ChunkFetcher:
         bytes arrive; those a broken stream did not bring are released."""
         try:
             with self.gate.on_demand():
-                self._stream_until(pieces, gathered, ordered, lander.put, lambda: not ordered)
+                self._stream_until(target, pieces, gathered, ordered, lander.put, lambda: not ordered)
         except (CrfsError, OSError) as exc:  # released: a reader of these chunks fetches them
             log.info("%s: neighbours not fetched: %s", target.blob.name, exc)
         except Exception:
             log.exception("%s: neighbours", target.blob.name)
         finally:
             self._end_stream(target, pieces, ordered, lander)
-        for error in lander.errors:  # e.g. a corrupt neighbour: its own reader will see it
-            log.warning("%s: neighbour not kept: %s", target.blob.name, error)
 
     def _end_stream(self, target: FetchTarget, pieces: Iterator[bytes], ordered: "deque[ChunkLike]",
                     lander: "_Lander", keep: Collection[Hashable] = ()) -> None:
@@ -826,6 +817,8 @@ class ChunkFetcher:
             if flight_key(target, chunk) not in keep:
                 self._land(target, chunk, None, None, released=True)
         lander.finish()
+        for error in lander.errors:  # e.g. a corrupt neighbour: its own reader will see it
+            log.warning("%s: neighbour not kept: %s", target.blob.name, error)
 
     @staticmethod
     def _request(target: FetchTarget, span: Span) -> bytes:
