@@ -17,7 +17,6 @@ stream at a byte, which a registry cannot be made to do on demand).
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,12 +27,9 @@ from hypothesis import strategies as st
 from crfs_worker.chunkfetch import AheadPolicy, _Gathered
 from crfs_worker.chunkstore import ChunkStore
 from crfs_worker.errors import VerificationError
-from crfs_worker.layerkeys import KeyStore, LayerRecord
-from crfs_worker.lowerlayer import LayerTable
-from crfs_worker.prefetch import FetchOptions
 from tests import blobgen
 from tests.blobgen import dir_, reg
-from tests.test_prefetch_stream import HeldStream
+from tests.support.held_layer import HeldLayer
 
 DEADLINE = 60.0  # hang guard for the fetch threads; never a measured duration
 CHUNK = 64 << 10
@@ -54,21 +50,11 @@ class CountingStore(ChunkStore):
         return super().read(digest, size, offset, length)
 
 
-class Reader:
+class Reader(HeldLayer):
     """One LayerTable over one layer whose blob streams from memory (HeldStream)."""
 
     def __init__(self, tmp: Path, blob: blobgen.Blob, store_root: Path | None = None) -> None:
-        keys = KeyStore(tmp / "rt")
-        record = LayerRecord("file", "layer", toc_digest=blob.toc_digest, annotations=dict(blob.annotations))
-        self.num = keys.number_for(record)
-        self.blob = HeldStream(blob.data, "held-blob")
-        self.store = CountingStore(store_root or tmp / "chunks")
-        self.table = LayerTable(keys, tmp / "index", self.store, FetchOptions(background=False, ahead=POLICY),
-                                blob_opener=lambda record: self.blob)
-        self.live = self.table.get(self.num)
-        # (Opening reads the footer and the TOC: not counted.)
-        self.opened_at = (len(self.blob.reads), len(self.blob.streams))
-        self.pool = ThreadPoolExecutor(max_workers=2)
+        super().__init__(tmp, blob, POLICY, CountingStore(store_root or tmp / "chunks"), workers=2)
 
     def requests(self) -> list[tuple[int, int]]:
         """Range requests since the layer was opened (whole reads and streams), by offset."""
@@ -81,10 +67,6 @@ class Reader:
     def chunks(self) -> list[Any]:
         return self.live.layer.chunks_for("big", 0, len(BIG))
 
-    def close(self) -> None:
-        self.blob.release()
-        self.pool.shutdown(wait=True)
-        self.table.close()
 
 
 @pytest.fixture(params=["estargz", "zstd:chunked"])

@@ -11,42 +11,29 @@ know that a read was served while the rest of its request had NOT arrived (no ti
 from __future__ import annotations
 
 import random
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from crfs_worker.chunkfetch import AheadPolicy
-from crfs_worker.chunkstore import ChunkStore
 from crfs_worker.errors import VerificationError
-from crfs_worker.layerkeys import KeyStore, LayerRecord
-from crfs_worker.lowerlayer import LayerTable
-from crfs_worker.prefetch import FetchOptions
 from tests import blobgen
 from tests.blobgen import dir_, reg
-from tests.test_prefetch_stream import HeldStream
+from tests.support.held_layer import HeldLayer
 
 DEADLINE = 60.0  # hang guard for waits on other threads; never a measured duration
 SMALL = 2000     # bytes of each small file: incompressible, so ~2 KB of blob each
 FILES = 12
 
 
-class Worker:
+class Worker(HeldLayer):
     """A LayerTable over one layer whose blob is a HeldStream; reads run in threads."""
 
     def __init__(self, tmp: Path, blob: blobgen.Blob, ahead: AheadPolicy = AheadPolicy(read_ahead=0)) -> None:
-        keys = KeyStore(tmp / "rt")
-        record = LayerRecord("file", "layer", toc_digest=blob.toc_digest, annotations=dict(blob.annotations))
-        self.num = keys.number_for(record)
+        super().__init__(tmp, blob, ahead, piece=512)
         self.files = blob.files
-        self.blob = HeldStream(blob.data, "held-blob", piece=512)
-        self.table = LayerTable(keys, tmp / "index", ChunkStore(tmp / "chunks"),
-                                FetchOptions(background=False, ahead=ahead),
-                                blob_opener=lambda record: self.blob)
-        self.live = self.table.get(self.num)
-        self.opened_at = len(self.blob.reads)
-        self.pool = ThreadPoolExecutor(max_workers=4)
 
     def read_later(self, path: str) -> "Future[bytes]":
         return self.pool.submit(self.table.read, self.num, path, 0, SMALL)
@@ -60,13 +47,12 @@ class Worker:
 
     def reads(self) -> list[tuple[int, int]]:
         """Whole-range requests since the layer was opened (footer and TOC excluded)."""
-        return self.blob.reads[self.opened_at:]
+        return self.blob.reads[self.opened_at[0]:]
 
     def close(self) -> None:
         self.blob.release()
         assert self.table.fetcher.settle(DEADLINE)
-        self.pool.shutdown(wait=True)
-        self.table.close()
+        super().close()
 
 
 def _name(i: int) -> str:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import os
 import random
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from crfs_worker.blob import stream_range
-from crfs_worker.chunkstore import ChunkStore
 from crfs_worker.errors import RegistryError, VerificationError
-from crfs_worker.layerkeys import KeyStore, LayerRecord
-from crfs_worker.lowerlayer import LayerTable, LiveLayer
-from crfs_worker.prefetch import FetchOptions, prefetch_prioritized
+from crfs_worker.lowerlayer import LiveLayer
+from crfs_worker.prefetch import prefetch_prioritized
 from crfs_worker.registry import RetryPolicy
 from tests import blobgen
-from tests.blobgen import MemBlob, dir_, reg
+from tests.blobgen import dir_, reg
+from tests.support.held_layer import HeldLayer
 from tests.support.registry import FaultRelay, RunningRegistry
 
 DEADLINE = 60.0  # hang guard for waits on other threads; never a measured duration
@@ -39,71 +37,18 @@ SECOND = _rng.randbytes(100_000)  # prioritised, two chunks
 LATER = _rng.randbytes(50_000)    # after the landmark
 
 
-class HeldStream(MemBlob):
-    """A MemBlob that also streams, `piece` bytes at a time; the stream stops before blob
-    offset `hold_at` until `release()`, and then goes on, or with `fail` raises
-    RegistryError there (a registry that went away mid-body, past every retry)."""
-
-    def __init__(self, data: bytes, name: str, piece: int = 16 << 10) -> None:
-        super().__init__(data, name)
-        self.piece = piece
-        self.hold_at: int | None = None
-        self.fail = False
-        self.streams: list[tuple[int, int]] = []
-        self.holding = threading.Event()
-        self._released = threading.Event()
-
-    def release(self, fail: bool = False) -> None:
-        self.fail = fail
-        self._released.set()
-
-    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
-        self.streams.append((offset, length))
-        at, end = offset, offset + length
-        while at < end:
-            upto = min(at + self.piece, end)
-            if self.hold_at is not None and at < self.hold_at <= upto:
-                hold, self.hold_at = self.hold_at, None  # holds and breaks once
-                yield self.data[at:hold]
-                at = hold
-                self.holding.set()
-                assert self._released.wait(DEADLINE), "the test never released the stream"
-                if self.fail:
-                    raise RegistryError(f"{self.name}: broke off after {at - offset} bytes (test)")
-                continue
-            yield self.data[at:upto]
-            at = upto
-
-
-class Worker:
+class Worker(HeldLayer):
     """A LayerTable over one layer whose blob is a HeldStream."""
-
-    def __init__(self, tmp: Path, blob: blobgen.Blob) -> None:
-        keys = KeyStore(tmp / "rt")
-        record = LayerRecord("file", "layer", toc_digest=blob.toc_digest, annotations=dict(blob.annotations))
-        self.num = keys.number_for(record)
-        self.blob = HeldStream(blob.data, "held-blob")
-        self.table = LayerTable(keys, tmp / "index", ChunkStore(tmp / "chunks"),
-                                FetchOptions(background=False), blob_opener=lambda record: self.blob)
-        self.live: LiveLayer = self.table.get(self.num)
-        self.opened_at = len(self.blob.reads)
-        self.pool = ThreadPoolExecutor(max_workers=4)
 
     def requests(self) -> list[tuple[int, int]]:
         """Range requests since the layer was opened: whole reads and streams."""
-        return self.blob.reads[self.opened_at:] + self.blob.streams
+        return self.blob.reads[self.opened_at[0]:] + self.blob.streams
 
     def read_later(self, path: str, offset: int = 0, size: int = 1000) -> "Future[bytes]":
         return self.pool.submit(self.table.read, self.num, path, offset, size)
 
     def chunks(self, path: str, size: int) -> list[Any]:
         return self.live.layer.chunks_for(path, 0, size)
-
-    def close(self) -> None:
-        self.blob.release()
-        self.pool.shutdown(wait=True)
-        self.table.close()
-
 
 @pytest.fixture
 def layer() -> blobgen.Blob:
@@ -142,7 +87,7 @@ def test_chunks_are_served_as_the_range_streams_in(worker: Worker) -> None:
     start, end = worker.live.layer.prefetch_range()
     later = worker.chunks("a/later", len(LATER))
     assert worker.blob.streams == [(start, end - start)]  # ONE range for the prioritised files
-    assert worker.blob.reads[worker.opened_at:] == [(later[0].cstart, later[-1].cend - later[0].cstart)]
+    assert worker.blob.reads[worker.opened_at[0]:] == [(later[0].cstart, later[-1].cend - later[0].cstart)]
     status = worker.live.prefetch.as_dict()
     assert status == {"state": "done", "bytes": len(FIRST) + len(SECOND), "error": ""}
     # Everything prioritised is local: no request more.
@@ -169,7 +114,7 @@ def test_a_broken_stream_releases_its_chunks_to_their_readers(worker: Worker) ->
     # Each chunk the stream did not land was fetched once (neighbours may ride along), and
     # the landed one not again. (On-demand fetches that take neighbours stream too: every
     # request after the prefetch's own stream counts.)
-    fetched = worker.blob.reads[worker.opened_at:] + worker.blob.streams[1:]
+    fetched = worker.blob.reads[worker.opened_at[0]:] + worker.blob.streams[1:]
     covering = [sum(1 for a, n in fetched if a <= c.cstart and c.cend <= a + n) for c in first + second]
     assert covering == [0] + [1] * (len(first) + len(second) - 1)
     assert worker.table.store.has(first[0].digest, first[0].size)
