@@ -789,9 +789,9 @@ class TocParser:
             raise self._bad(d, f"has unknown type {str(typ)[:40]!r}")
         if type(name) is not str:
             raise self._bad(d, "has no name")
-        # normalize_name's checks, inlined for the common clean name, and for the names
-        # tar writes ("./usr/bin/", "./etc/passwd"): a clean name behind "./" (and before
-        # a directory's "/") is that clean name.
+        # normalize_name only when needed: a clean name is kept as it is, and so is one
+        # of the names tar writes ("./usr/bin/", "./etc/passwd") once "./" (and a
+        # directory's "/") is off.
         if name[:2] == "./":
             bare = name[2:-1] if name[-1] == "/" else name[2:]
             if _is_clean_name(bare):
